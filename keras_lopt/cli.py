@@ -1,0 +1,76 @@
+"""Command line: `keras-lopt meta-train ...`.
+
+Lives outside `keras_lopt.meta` so that it can pick the JAX backend before
+anything imports Keras.
+"""
+
+import argparse
+import os
+import sys
+
+_REQUESTED_BACKEND = os.environ.get("KERAS_BACKEND")
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+
+def _parser():
+    from keras_lopt.meta.pes import MetaTrainConfig
+
+    defaults = MetaTrainConfig()
+    parser = argparse.ArgumentParser(prog="keras-lopt", description="keras-lopt tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    mt = sub.add_parser("meta-train", help="meta-train Celo2 / Celo2-base weights with PES")
+    mt.add_argument("--rule", choices=["celo2", "celo2_base"], default=defaults.rule)
+    mt.add_argument("--out", required=True, help="output directory")
+    mt.add_argument("--iterations", type=int, required=True, help="outer iterations to reach")
+    mt.add_argument("--seed", type=int, default=defaults.seed)
+    mt.add_argument("--pairs-per-family", type=int, default=defaults.pairs_per_family)
+    mt.add_argument("--truncation", type=int, default=defaults.truncation)
+    mt.add_argument("--min-horizon", type=int, default=defaults.min_horizon)
+    mt.add_argument("--max-horizon", type=int, default=defaults.max_horizon)
+    mt.add_argument("--sigma", type=float, default=defaults.sigma)
+    mt.add_argument("--outer-lr", type=float, default=defaults.outer_lr)
+    mt.add_argument("--outer-weight-decay", type=float, default=defaults.outer_weight_decay)
+    mt.add_argument("--checkpoint-every", type=int, default=100)
+    mt.add_argument("--max-minutes", type=float, default=None,
+                    help="checkpoint and stop after this many minutes (resume later)")
+    mt.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    mt.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv=None):
+    backend = _REQUESTED_BACKEND or "jax"
+    if backend != "jax":
+        sys.exit(
+            f"keras-lopt meta-train needs the JAX backend; KERAS_BACKEND is {backend!r}. "
+            "Unset it or set KERAS_BACKEND=jax."
+        )
+    args = _parser().parse_args(argv)
+    from keras_lopt.meta.pes import MetaTrainConfig
+    from keras_lopt.meta.train import meta_train
+
+    config = MetaTrainConfig(
+        rule=args.rule,
+        seed=args.seed,
+        pairs_per_family=args.pairs_per_family,
+        truncation=args.truncation,
+        min_horizon=args.min_horizon,
+        max_horizon=args.max_horizon,
+        sigma=args.sigma,
+        outer_lr=args.outer_lr,
+        outer_weight_decay=args.outer_weight_decay,
+    )
+    meta_train(
+        config,
+        args.out,
+        args.iterations,
+        checkpoint_every=args.checkpoint_every,
+        resume=not args.no_resume,
+        verbose=0 if args.quiet else 1,
+        max_minutes=args.max_minutes,
+    )
+    print(f"Meta-weights written to {os.path.join(args.out, 'theta.npz')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Truncated Persistent Evolution Strategies (PES) for learned optimizers.
+
+JAX only: the outer loop is `jit`-compiled, antithetic particles are
+`vmap`ped, inner steps are `lax.scan`ned, and the population is sharded over
+every visible JAX device. The update rule applied inside is exactly the
+`keras.ops` code used by the Keras optimizers (`celo2_rule`).
+
+Estimator (Vicol et al., 2021): for antithetic pair `theta +- eps` whose
+inner runs have accumulated the perturbations `xi` since their last reset,
+`g = (L+ - L-) (xi + eps) / (2 sigma^2)`; a reset inside a truncation splits
+the truncation so that steps of the new run see only `eps`.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from keras_lopt.optimizers import celo2_rule
+
+RULES = ("celo2", "celo2_base")
+
+
+@dataclasses.dataclass
+class MetaTrainConfig:
+    """Hyper-parameters of a meta-training run (all recorded in checkpoints).
+
+    Args:
+        rule: `"celo2"` (orthogonalised rule on matrices, Adam branch on
+            vectors) or `"celo2_base"` (the rule on every tensor).
+        seed: seeds everything; equal seeds give identical runs.
+        pairs_per_family: antithetic pairs per task family.
+        truncation: inner steps per outer iteration.
+        min_horizon, max_horizon: inner horizons are drawn log-uniformly.
+        sigma: PES perturbation scale.
+        outer_lr: AdamW learning rate on the meta-weights.
+        outer_weight_decay: AdamW decoupled weight decay.
+        inner_lr: learning rate of the learned rule in inner runs.
+        adam_lr_ratio: Adam-branch multiplier (rule `"celo2"` only).
+        min_scale, max_scale: range of the log-uniform reparametrisation
+            scale `s` (the task optimises `L(s * w)` from `w0 / s`).
+    """
+
+    rule: str = "celo2"
+    seed: int = 0
+    pairs_per_family: int = 8
+    truncation: int = 50
+    min_horizon: int = 100
+    max_horizon: int = 2000
+    sigma: float = 0.01
+    outer_lr: float = 3e-4
+    outer_beta_1: float = 0.9
+    outer_beta_2: float = 0.999
+    outer_epsilon: float = 1e-8
+    outer_weight_decay: float = 1e-4
+    inner_lr: float = 1e-3
+    adam_lr_ratio: float = 20.0
+    min_scale: float = 1e-3
+    max_scale: float = 1e3
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}; received {self.rule!r}.")
+        if self.pairs_per_family < 1 or self.truncation < 1:
+            raise ValueError("pairs_per_family and truncation must be >= 1.")
+        if not 1 <= self.min_horizon <= self.max_horizon:
+            raise ValueError("Need 1 <= min_horizon <= max_horizon.")
+
+
+def require_jax():
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(
+            "Meta-training needs the JAX backend (it relies on jax.jit, vmap "
+            "and lax.scan); the current Keras backend is "
+            f"{keras.backend.backend()!r}. Set KERAS_BACKEND=jax."
+        )
+
+
+class PESMetaTrainer:
+    """Meta-trains Celo2 meta-weights with truncated PES on task families.
+
+    Args:
+        config: a `MetaTrainConfig`.
+        families: list of `TaskFamily`; defaults to `tasks.default_families()`.
+        theta: initial meta-weights; defaults to `celo2_rule.init_theta(seed)`.
+
+    Example:
+
+    >>> trainer = PESMetaTrainer(MetaTrainConfig(rule="celo2", seed=0))
+    >>> state = trainer.init()
+    >>> state, metrics = trainer.outer_step(state)
+    """
+
+    def __init__(self, config, families=None, theta=None):
+        require_jax()
+        import jax
+
+        from keras_lopt.meta import tasks
+
+        self.config = config
+        self.families = families if families is not None else tasks.default_families()
+        self.theta0 = theta if theta is not None else celo2_rule.init_theta(config.seed)
+        self.orthogonalize = config.rule == "celo2"
+        devices = jax.devices()
+        self.mesh = jax.sharding.Mesh(np.array(devices), ("pop",))
+        self._outer_step = jax.jit(self._outer_step_impl, donate_argnums=(0,))
+
+    # ----------------------------------------------------------------- runs
+    def _routes(self, family):
+        if self.orthogonalize:
+            return ["rule" if len(s) >= 2 else "adam" for s in family.shapes]
+        return ["rule"] * len(family.shapes)
+
+    def _init_run(self, family, key):
+        import jax
+        import jax.numpy as jnp
+
+        cfg = self.config
+        k_t, k_s, k_w = jax.random.split(key, 3)
+        log_t = jax.random.uniform(
+            k_t, (), minval=math.log(cfg.min_horizon), maxval=math.log(cfg.max_horizon)
+        )
+        log_s = jax.random.uniform(
+            k_s, (), minval=math.log(cfg.min_scale), maxval=math.log(cfg.max_scale)
+        )
+        params = [w / jnp.exp(log_s) for w in family.init_params(k_w)]
+        opt = []
+        for shape, route in zip(family.shapes, self._routes(family)):
+            if route == "rule":
+                opt.append(celo2_rule.init_state(shape))
+            else:
+                opt.append({"m": jnp.zeros(shape), "v": jnp.zeros(shape)})
+        return {
+            "params": params,
+            "opt": opt,
+            "key": key,
+            "t": jnp.zeros((), "int32"),
+            "horizon": jnp.floor(jnp.exp(log_t)).astype("int32"),
+            "log_scale": log_s,
+        }
+
+    def _inner_step(self, family, theta, run):
+        import jax
+        import jax.numpy as jnp
+
+        cfg = self.config
+        reset = run["t"] >= run["horizon"]
+        fresh = self._init_run(family, jax.random.fold_in(run["key"], 7))
+        run = jax.tree_util.tree_map(lambda a, b: jnp.where(reset, a, b), fresh, run)
+        x, y = family.sample_batch(jax.random.fold_in(run["key"], run["t"]))
+        scale = jnp.exp(run["log_scale"])
+
+        def loss_fn(params):
+            return family.loss([scale * p for p in params], x, y)
+
+        loss, grads = jax.value_and_grad(loss_fn)(run["params"])
+        new_params, new_opt = [], []
+        for p, g, st, route in zip(run["params"], grads, run["opt"], self._routes(family)):
+            if route == "rule":
+                step, st = celo2_rule.celo2_step(theta, st, g, p, self.orthogonalize)
+                lr = cfg.inner_lr
+            else:
+                step, st = celo2_rule.adam_step(st, g, run["t"] + 1)
+                lr = cfg.inner_lr * cfg.adam_lr_ratio
+            new_params.append(celo2_rule.apply_step(p, step, lr))
+            new_opt.append(st)
+        run = dict(run, params=new_params, opt=new_opt, t=run["t"] + 1)
+        return run, (family.normalized_loss(loss), reset)
+
+    # ----------------------------------------------------------- population
+    def _init_population(self, family, key):
+        import jax
+        import jax.numpy as jnp
+
+        pairs = self.config.pairs_per_family
+        k_runs, k_offsets = jax.random.split(key)
+        runs = jax.vmap(lambda k: self._init_run(family, k))(
+            jax.random.split(k_runs, pairs)
+        )
+        # Staggered starts: each run begins part-way through its horizon.
+        offsets = jax.random.uniform(k_offsets, (pairs,))
+        runs["t"] = jnp.floor(offsets * runs["horizon"]).astype("int32")
+        # Antithetic particles: rows [0, P) are theta + eps, [P, 2P) theta - eps.
+        runs = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), runs)
+        xi = jax.tree_util.tree_map(
+            lambda v: jnp.zeros((pairs,) + v.shape, "float32"), self.theta0
+        )
+        return {"runs": runs, "xi": xi}
+
+    def init(self):
+        """The full meta-training state at iteration 0."""
+        import jax
+        import jax.numpy as jnp
+
+        key = jax.random.PRNGKey(self.config.seed)
+        k_pop, key = jax.random.split(key)
+        pop_keys = jax.random.split(k_pop, len(self.families))
+        theta = {k: jnp.asarray(v) for k, v in self.theta0.items()}
+        state = {
+            "theta": theta,
+            "adam_m": jax.tree_util.tree_map(jnp.zeros_like, theta),
+            "adam_v": jax.tree_util.tree_map(jnp.zeros_like, theta),
+            "iteration": jnp.zeros((), "int32"),
+            "key": key,
+            "populations": [
+                self._init_population(f, k) for f, k in zip(self.families, pop_keys)
+            ],
+        }
+        return self.shard(state)
+
+    def shard(self, state):
+        """Places population arrays across devices (leading particle axis)."""
+        import jax
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec
+
+        ndev = self.mesh.devices.size
+        split = NamedSharding(self.mesh, PartitionSpec("pop"))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        def place(x):
+            if ndev > 1 and x.ndim >= 1 and x.shape[0] % ndev == 0:
+                return jax.device_put(x, split)
+            return jax.device_put(x, replicated)
+
+        pops = jax.tree_util.tree_map(place, state["populations"])
+        rest = {k: v for k, v in state.items() if k != "populations"}
+        rest = jax.tree_util.tree_map(lambda x: jax.device_put(x, replicated), rest)
+        return dict(rest, populations=pops)
+
+    # ----------------------------------------------------------- estimator
+    def _family_gradient(self, family, theta, population, eps):
+        import jax
+        import jax.numpy as jnp
+
+        cfg = self.config
+        pairs = cfg.pairs_per_family
+        thetas = jax.tree_util.tree_map(
+            lambda t, e: jnp.concatenate([t[None] + e, t[None] - e]), theta, eps
+        )
+        step = jax.vmap(lambda th, run: self._inner_step(family, th, run))
+
+        def body(runs, _):
+            runs, out = step(thetas, runs)
+            return runs, out
+
+        runs, (losses, resets) = jax.lax.scan(
+            body, population["runs"], None, length=cfg.truncation
+        )
+        loss_pos, loss_neg = losses[:, :pairs], losses[:, pairs:]
+        in_new_run = jnp.cumsum(resets[:, :pairs].astype("int32"), axis=0) > 0
+        diff = (loss_pos - loss_neg) / cfg.truncation
+        diff_old = jnp.sum(jnp.where(in_new_run, 0.0, diff), axis=0)
+        diff_new = jnp.sum(jnp.where(in_new_run, diff, 0.0), axis=0)
+        restarted = in_new_run[-1]
+
+        def expand(v, like):
+            return v.reshape((pairs,) + (1,) * (like.ndim - 1))
+
+        def pair_grad(xi, e):
+            g = expand(diff_old, e) * (xi + e) + expand(diff_new, e) * e
+            g = jnp.where(jnp.isfinite(g), g, 0.0)
+            return jnp.mean(g, axis=0) / (2.0 * cfg.sigma**2)
+
+        grad = jax.tree_util.tree_map(pair_grad, population["xi"], eps)
+        xi = jax.tree_util.tree_map(
+            lambda x, e: jnp.where(expand(restarted, e), e, x + e), population["xi"], eps
+        )
+        meta_loss = jnp.mean(losses)
+        return grad, {"runs": runs, "xi": xi}, meta_loss
+
+    def _outer_step_impl(self, state):
+        import jax
+        import jax.numpy as jnp
+
+        cfg = self.config
+        key, k_eps = jax.random.split(state["key"])
+        theta = state["theta"]
+        grads, pops, losses = [], [], []
+        for i, (family, population) in enumerate(zip(self.families, state["populations"])):
+            leaves, treedef = jax.tree_util.tree_flatten(theta)
+            keys = jax.random.split(jax.random.fold_in(k_eps, i), len(leaves))
+            eps = jax.tree_util.tree_unflatten(
+                treedef,
+                [
+                    cfg.sigma
+                    * jax.random.normal(k, (cfg.pairs_per_family,) + leaf.shape)
+                    for k, leaf in zip(keys, leaves)
+                ],
+            )
+            g, pop, loss = self._family_gradient(family, theta, population, eps)
+            grads.append(g)
+            pops.append(pop)
+            losses.append(loss)
+        grad = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *grads)
+        t = state["iteration"] + 1
+        b1, b2 = cfg.outer_beta_1, cfg.outer_beta_2
+        m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state["adam_m"], grad)
+        v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state["adam_v"], grad)
+        tf = t.astype("float32")
+
+        def update(th, m, v):
+            m_hat = m / (1 - b1**tf)
+            v_hat = v / (1 - b2**tf)
+            step = m_hat / (jnp.sqrt(v_hat) + cfg.outer_epsilon)
+            return th - cfg.outer_lr * (step + cfg.outer_weight_decay * th)
+
+        theta = jax.tree_util.tree_map(update, theta, m, v)
+        grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grad)))
+        new_state = {
+            "theta": theta,
+            "adam_m": m,
+            "adam_v": v,
+            "iteration": t,
+            "key": key,
+            "populations": pops,
+        }
+        metrics = {"meta_loss": jnp.mean(jnp.stack(losses)), "grad_norm": grad_norm}
+        for family, loss in zip(self.families, losses):
+            metrics[f"loss_{family.name}"] = loss
+        return new_state, metrics
+
+    def outer_step(self, state):
+        """One PES outer iteration; returns `(new_state, metrics)`."""
+        return self._outer_step(state)
+
+    def theta_numpy(self, state):
+        return {k: np.asarray(v) for k, v in state["theta"].items()}

@@ -1,0 +1,190 @@
+"""The meta-training loop: checkpoints, exact resume, progress, CSV, plot."""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from keras_lopt.meta.pes import MetaTrainConfig
+from keras_lopt.meta.pes import PESMetaTrainer
+from keras_lopt.optimizers.checkpoints import save_theta
+
+CHECKPOINT = "checkpoint.npz"
+METRICS = "metrics.csv"
+THETA = "theta.npz"
+
+
+def save_checkpoint(path, trainer, state):
+    """Saves everything needed for an exact resume, atomically."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(state)
+    arrays = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
+    arrays["config"] = np.array(json.dumps(dataclasses.asdict(trainer.config)))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, families=None):
+    """Rebuilds `(trainer, state)` from a checkpoint written by `save_checkpoint`."""
+    import jax
+
+    with np.load(path, allow_pickle=False) as archive:
+        config = MetaTrainConfig(**json.loads(str(archive["config"])))
+        leaves = [archive[f"leaf_{i:05d}"] for i in range(len(archive.files) - 1)]
+    trainer = PESMetaTrainer(config, families=families)
+    template = trainer.init()
+    treedef = jax.tree_util.tree_structure(template)
+    if treedef.num_leaves != len(leaves):
+        raise ValueError(
+            f"{path!r} does not match this trainer ({len(leaves)} arrays, "
+            f"expected {treedef.num_leaves})."
+        )
+    state = jax.tree_util.tree_unflatten(
+        treedef,
+        [np.asarray(x).astype(t.dtype) for x, t in zip(leaves, jax.tree_util.tree_leaves(template))],
+    )
+    return trainer, trainer.shard(state)
+
+
+def _trim_metrics(path, iteration):
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    fields = list(rows[0].keys())
+    rows = [r for r in rows if int(r["iteration"]) <= iteration]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_metrics(out_dir, smooth=50):
+    """Writes `meta_loss.png` from `metrics.csv` (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(os.path.join(out_dir, METRICS)) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    it = np.array([int(r["iteration"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in [k for k in rows[0] if k.startswith("loss_") or k == "meta_loss"]:
+        y = np.array([float(r[key]) for r in rows])
+        w = min(smooth, len(y))
+        ys = np.convolve(y, np.ones(w) / w, mode="valid")
+        ax.plot(it[w - 1:], ys, label=key, lw=2 if key == "meta_loss" else 1)
+    ax.set_xlabel("outer iteration")
+    ax.set_ylabel(f"normalised truncation loss (moving mean of {smooth})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path = os.path.join(out_dir, "meta_loss.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _last_wall_time(path):
+    if not os.path.exists(path):
+        return 0.0
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return float(rows[-1]["wall_s"]) if rows else 0.0
+
+
+def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
+               resume=True, verbose=1, max_minutes=None):
+    """Runs (or resumes) meta-training until `iterations` outer iterations.
+
+    Writes to `out_dir`: `checkpoint.npz` (every `checkpoint_every`
+    iterations and at the end), `metrics.csv` (one row per iteration),
+    `theta.npz` (the latest meta-weights, keras-lopt format) and
+    `meta_loss.png`.
+
+    Args:
+        config: a `MetaTrainConfig`; ignored when resuming (the checkpoint's
+            config is used, so a resumed run continues exactly).
+        out_dir: output directory.
+        iterations: total outer iterations to reach.
+        checkpoint_every: checkpoint period in iterations.
+        families: task families (default: `tasks.default_families()`).
+        resume: continue from `out_dir/checkpoint.npz` if present.
+        verbose: 0 silent, 1 progress bar.
+        max_minutes: stop (after checkpointing) once this much wall time has
+            passed in this call; a later call resumes.
+
+    Returns:
+        The final meta-weights as a dict of NumPy arrays.
+    """
+    import jax
+
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = os.path.join(out_dir, CHECKPOINT)
+    metrics_path = os.path.join(out_dir, METRICS)
+    if resume and os.path.exists(ckpt):
+        trainer, state = load_checkpoint(ckpt, families=families)
+        start = int(state["iteration"])
+        _trim_metrics(metrics_path, start)
+    else:
+        trainer = PESMetaTrainer(config, families=families)
+        state = trainer.init()
+        start = 0
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
+    rule = trainer.config.rule
+
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iterations, initial=start, desc=f"meta-train {rule}",
+                   unit="it", dynamic_ncols=True, mininterval=5.0)
+    csv_file = open(metrics_path, "a", newline="")
+    writer = None
+    # wall_s is cumulative over resumed sessions.
+    t_start = time.time() - _last_wall_time(metrics_path)
+    t_call = time.time()
+    try:
+        for it in range(start, iterations):
+            state, metrics = trainer.outer_step(state)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            row = {"iteration": it + 1, "wall_s": round(time.time() - t_start, 3), **metrics}
+            if writer is None:
+                writer = csv.DictWriter(csv_file, fieldnames=list(row))
+                if csv_file.tell() == 0:
+                    writer.writeheader()
+            writer.writerow(row)
+            if bar is not None:
+                bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}", refresh=False)
+                bar.update(1)
+            if not math.isfinite(metrics["meta_loss"]):
+                raise FloatingPointError(f"Meta-loss became {metrics['meta_loss']} at {it + 1}.")
+            out_of_time = max_minutes is not None and time.time() - t_call > 60 * max_minutes
+            if (it + 1) % checkpoint_every == 0 or it + 1 == iterations or out_of_time:
+                csv_file.flush()
+                save_checkpoint(ckpt, trainer, state)
+                save_theta(os.path.join(out_dir, THETA), trainer.theta_numpy(state), rule)
+            if out_of_time:
+                break
+    finally:
+        csv_file.close()
+        if bar is not None:
+            bar.close()
+    try:
+        plot_metrics(out_dir)
+    except ImportError:
+        pass
+    return trainer.theta_numpy(state)

@@ -1,0 +1,300 @@
+"""The Celo2 update rule as pure `keras.ops` functions.
+
+These functions are the single implementation of the Celo2 math. The Keras
+optimizers (`Celo2`, `Celo2Base`) wrap them in optimizer variables, and the
+meta-trainer (`keras_lopt.meta`) calls them inside `jax.jit`/`vmap`/`scan`.
+Nothing here branches on tensor values; every branch is on static shapes.
+
+The specification is `docs/celo2.md` of the project (Moudgil et al., "Celo2:
+Towards Learned Optimization Free Lunch", ICLR 2026).
+"""
+
+import numpy as np
+from keras import ops
+
+MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
+RMS_DECAY = 0.95
+ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
+HIDDEN_SIZE = 8
+GRAD_CLIP = 1000.0
+# Widths of the 14 input feature groups, in the order of the `w0__k` blocks.
+FEATURE_WIDTHS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
+UNFACTORED_GROUPS = 9
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+THETA_SHAPES = {
+    **{f"w0__{k}": (w, HIDDEN_SIZE) for k, w in enumerate(FEATURE_WIDTHS)},
+    "b0": (HIDDEN_SIZE,),
+    "w1": (HIDDEN_SIZE, HIDDEN_SIZE),
+    "b1": (HIDDEN_SIZE,),
+    "w2": (HIDDEN_SIZE, 3),
+    "b2": (3,),
+}
+
+
+def init_theta(seed=0):
+    """Returns freshly initialised meta-weights as a dict of NumPy arrays.
+
+    Truncated normal at +-2 sigma (sigma = 1/sqrt(fan_in) before truncation,
+    fan-in 30 for every `w0__k` block), zero biases, as in the reference.
+    """
+    rng = np.random.default_rng(seed)
+
+    def truncated(shape, fan_in):
+        sigma = 1.0 / np.sqrt(fan_in)
+        out = rng.standard_normal(shape)
+        bad = np.abs(out) > 2.0
+        while bad.any():
+            out[bad] = rng.standard_normal(int(bad.sum()))
+            bad = np.abs(out) > 2.0
+        return (sigma * out).astype("float32")
+
+    theta = {}
+    for name, shape in THETA_SHAPES.items():
+        if name.startswith("b"):
+            theta[name] = np.zeros(shape, "float32")
+        elif name.startswith("w0__"):
+            theta[name] = truncated(shape, sum(FEATURE_WIDTHS))
+        else:
+            theta[name] = truncated(shape, HIDDEN_SIZE)
+    return theta
+
+
+def working_shape(shape):
+    """Rank-0 tensors are handled as shape (1,), as in the reference."""
+    shape = tuple(int(d) for d in shape)
+    return shape if shape else (1,)
+
+
+def factored_dims(shape):
+    """`(d0, d1)`: the largest and second-largest axes (stable argsort).
+
+    Returns `None` for tensors of rank < 2, which keep unfactored
+    accumulators.
+    """
+    shape = working_shape(shape)
+    if len(shape) < 2:
+        return None
+    order = np.argsort(np.asarray(shape), kind="stable")
+    return int(order[-1]), int(order[-2])
+
+
+def state_shapes(shape):
+    """Shapes of the per-tensor state for a parameter of `shape`.
+
+    Decay channels come first: `mom` is `(3, *shape)`, `rms` is `shape`;
+    factored tensors keep `v_row` (axis d0 removed) and `v_col` (axis d1
+    removed), unfactored ones `v_diag`, each with a leading axis of 3.
+    """
+    shape = working_shape(shape)
+    shapes = {"mom": (3,) + shape, "rms": shape}
+    dims = factored_dims(shape)
+    if dims is None:
+        shapes["v_diag"] = (3,) + shape
+    else:
+        d0, d1 = dims
+        shapes["v_row"] = (3,) + tuple(s for i, s in enumerate(shape) if i != d0)
+        shapes["v_col"] = (3,) + tuple(s for i, s in enumerate(shape) if i != d1)
+    return shapes
+
+
+def init_state(shape):
+    """All-zero float32 state for a parameter of `shape`."""
+    return {k: ops.zeros(s, "float32") for k, s in state_shapes(shape).items()}
+
+
+def _decays(values, rank):
+    return ops.convert_to_tensor(
+        np.asarray(values, "float32").reshape((len(values),) + (1,) * rank)
+    )
+
+
+def _norm_axes(rank):
+    return (-1,) if rank == 1 else (-2, -1)
+
+
+def _inv_rms(x, axes, eps=1e-9):
+    return ops.rsqrt(ops.mean(ops.square(x), axis=axes, keepdims=True) + eps)
+
+
+def newton_schulz(x, steps=NS_STEPS):
+    """Approximately orthogonalises every trailing 2-D slice of `x`."""
+    a, b, c = NS_COEFFICIENTS
+    rank = len(x.shape)
+    transpose = x.shape[-2] > x.shape[-1]
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    if transpose:
+        x = ops.transpose(x, perm)
+    x = x / (ops.sqrt(ops.sum(ops.square(x), axis=(-2, -1), keepdims=True)) + 1e-8)
+    for _ in range(steps):
+        gram = ops.matmul(x, ops.transpose(x, perm))
+        poly = b * gram + c * ops.matmul(gram, gram)
+        x = a * x + ops.matmul(poly, x)
+    if transpose:
+        x = ops.transpose(x, perm)
+    return x
+
+
+def _first_layer_blocks(theta):
+    """Row blocks of the first layer, one `(width, 8)` tensor per group."""
+    return [ops.convert_to_tensor(theta[f"w0__{k}"]) for k in range(len(FEATURE_WIDTHS))]
+
+
+def celo2_step(theta, state, grad, param, orthogonalize=True):
+    """One Celo2 step for one tensor.
+
+    Args:
+        theta: dict of meta-weights (`THETA_SHAPES`), arrays or tensors.
+        state: dict of accumulators as made by `init_state(param.shape)`.
+        grad: the gradient, any float dtype; computed in float32.
+        param: the current parameter value.
+        orthogonalize: apply Newton-Schulz to tensors of rank >= 2 (Celo2);
+            `False` gives Celo2-base.
+
+    Returns:
+        `(step, new_state)`: `step` has the parameter's shape, float32 and
+        unit RMS over its last two axes; the parameter update is
+        `param - lr * step` (plus decoupled weight decay).
+    """
+    shape = tuple(grad.shape)
+    ws = working_shape(shape)
+    rank = len(ws)
+    axes = _norm_axes(rank)
+    g = ops.reshape(ops.cast(grad, "float32"), ws)
+    p = ops.reshape(ops.cast(param, "float32"), ws)
+    g = ops.clip(g, -GRAD_CLIP, GRAD_CLIP)
+
+    mom_decay = _decays(MOMENTUM_DECAYS, rank)
+    fac_decay = _decays(ADAFACTOR_DECAYS, rank)
+    g3 = ops.expand_dims(g, 0)
+    mom = mom_decay * state["mom"] + (1.0 - mom_decay) * g3
+    rms = RMS_DECAY * state["rms"] + (1.0 - RMS_DECAY) * ops.square(g)
+    q3 = ops.expand_dims(ops.square(g) + 1e-30, 0)
+    rho = ops.rsqrt(rms + 1e-8)
+
+    new_state = {"mom": mom, "rms": rms}
+    # Element-wise channels (those of the full shape) and broadcast channels
+    # (row/column statistics), each with its first-layer row block.
+    blocks = _first_layer_blocks(theta)
+    elem = [g, ops.clip(g, -0.1, 0.1), p]
+    elem += [mom[i] for i in range(3)]
+    elem += [rms]
+    elem += [mom[i] * rho for i in range(3)]
+    elem += [rho]
+    dims = factored_dims(ws)
+    bcast = []
+    if dims is None:
+        v_diag = fac_decay * state["v_diag"] + (1.0 - fac_decay) * q3
+        new_state["v_diag"] = v_diag
+        fac_scale = ops.rsqrt(ops.maximum(v_diag + 1e-9, 1e-9))
+        elem += [g * fac_scale[i] for i in range(3)]
+        elem += [g * rho]
+        weights = ops.concatenate(blocks[:UNFACTORED_GROUPS], axis=0)
+    else:
+        d0, d1 = dims
+        fac_decay = _decays(ADAFACTOR_DECAYS, rank - 1)
+        # +1: the state carries the decay axis first.
+        v_row = fac_decay * state["v_row"] + (1.0 - fac_decay) * ops.mean(
+            q3, axis=d0 + 1
+        )
+        v_col = fac_decay * state["v_col"] + (1.0 - fac_decay) * ops.mean(
+            q3, axis=d1 + 1
+        )
+        new_state["v_row"] = v_row
+        new_state["v_col"] = v_col
+        row_axis = (d1 - 1 if d1 > d0 else d1) + 1
+        r = ops.rsqrt(
+            ops.maximum(v_row / (ops.mean(v_row, axis=row_axis, keepdims=True) + 1e-9), 1e-9)
+        )
+        c = ops.rsqrt(ops.maximum(v_col, 1e-9))
+        row = ops.expand_dims(v_row, d0 + 1)
+        col = ops.expand_dims(v_col, d1 + 1)
+        r = ops.expand_dims(r, d0 + 1)
+        c = ops.expand_dims(c, d1 + 1)
+        rc = r * c
+        elem += [g * rc[i] for i in range(3)]
+        elem += [g * rho]
+        bcast += [row[i] for i in range(3)]
+        bcast += [col[i] for i in range(3)]
+        bcast += [ops.rsqrt(row[i] + 1e-8) for i in range(3)]
+        bcast += [ops.rsqrt(col[i] + 1e-8) for i in range(3)]
+        elem += [mom[i] * rc[i] for i in range(3)]
+        weights = ops.concatenate(blocks, axis=0)
+
+    n_elem = len(elem)
+    # Order of rows in `weights`: groups 0..8 are element-wise (15 rows),
+    # 9..12 are broadcast (12 rows), 13 is element-wise again (3 rows).
+    if bcast:
+        elem_rows = list(range(15)) + list(range(27, 30))
+        bcast_rows = list(range(15, 27))
+    else:
+        elem_rows = list(range(15))
+        bcast_rows = []
+
+    # Input normalisation is a per-slice scale of each channel; fold it into
+    # the first-layer weights instead of rescaling every element.
+    elem_scale = ops.stack([_inv_rms(x, axes) for x in elem], axis=-1)
+    x = ops.stack(elem, axis=-1)
+    w_elem = ops.take(weights, elem_rows, axis=0)
+    lead = ws[:-2] if rank >= 2 else ()
+    slice_size = int(np.prod(ws[len(lead):]))
+    x = ops.reshape(x, lead + (slice_size, n_elem))
+    scale = ops.reshape(elem_scale, lead + (n_elem, 1))
+    hidden = ops.matmul(x, scale * w_elem)
+    hidden = ops.reshape(hidden, ws + (HIDDEN_SIZE,))
+    for k, row_index in enumerate(bcast_rows):
+        ch = bcast[k]
+        hidden = hidden + ops.expand_dims(ch * _inv_rms(ch, axes), -1) * weights[row_index]
+    hidden = ops.relu(hidden + ops.convert_to_tensor(theta["b0"]))
+    hidden = ops.relu(
+        ops.matmul(hidden, ops.convert_to_tensor(theta["w1"]))
+        + ops.convert_to_tensor(theta["b1"])
+    )
+    w2 = ops.convert_to_tensor(theta["w2"])
+    b2 = ops.convert_to_tensor(theta["b2"])
+    direction = ops.matmul(hidden, w2[:, 0]) + b2[0]
+
+    if orthogonalize and rank >= 2:
+        direction = newton_schulz(direction)
+    direction = direction * _inv_rms(direction, axes)
+    return ops.reshape(direction, shape), new_state
+
+
+def adam_step(state, grad, iteration, beta_1=0.9, beta_2=0.95, epsilon=1e-8,
+              bias_correction=False):
+    """The Adam branch of Celo2 for tensors the learned rule does not take.
+
+    Gradients are not clipped. With `bias_correction=False` (the variant the
+    meta-weights were trained with) the step is `m / sqrt(v + eps)`; with
+    `True` it is optax `adam`'s `m_hat / (sqrt(v_hat) + eps)`.
+
+    Args:
+        state: dict with float32 `m` and `v` of the parameter's shape.
+        grad: the gradient.
+        iteration: the 1-based count of this update (only used for bias
+            correction).
+
+    Returns:
+        `(step, new_state)`.
+    """
+    g = ops.cast(grad, "float32")
+    m = beta_1 * state["m"] + (1.0 - beta_1) * g
+    v = beta_2 * state["v"] + (1.0 - beta_2) * ops.square(g)
+    if bias_correction:
+        t = ops.cast(iteration, "float32")
+        m_hat = m / (1.0 - ops.power(beta_1, t))
+        v_hat = v / (1.0 - ops.power(beta_2, t))
+        step = m_hat / (ops.sqrt(v_hat) + epsilon)
+    else:
+        step = m / ops.sqrt(v + epsilon)
+    return step, {"m": m, "v": v}
+
+
+def apply_step(param, step, learning_rate, weight_decay=0.0):
+    """`param - lr * step - lr * weight_decay * param`, in float32."""
+    p = ops.cast(param, "float32")
+    update = learning_rate * step
+    if weight_decay:
+        update = update + (learning_rate * weight_decay) * p
+    return p - update
