@@ -1,0 +1,162 @@
+"""Non-finite gradients, unusual shapes and dtypes, wrong weights."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_lopt.optimizers import Celo2
+from keras_lopt.optimizers import Celo2Base
+from keras_lopt.optimizers import celo2_rule
+from keras_lopt.optimizers import save_theta
+
+OPTIMIZERS = [Celo2, Celo2Base]
+
+
+def _numpy(values):
+    return [ops.convert_to_numpy(v) for v in values]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_non_finite_gradient_leaves_tensor_and_state_untouched(cls, bad):
+    rng = np.random.default_rng(0)
+    shapes = [(6, 4), (4,), ()]
+    variables = [keras.Variable(rng.standard_normal(s).astype("float32")) for s in shapes]
+    opt = cls()
+    good = [rng.standard_normal(s).astype("float32") for s in shapes]
+    opt.apply([ops.convert_to_tensor(g) for g in good], variables)
+    params_before = _numpy(variables)
+    state_before = _numpy(opt.variables)
+    poisoned = [g.copy() for g in good]
+    poisoned[0][1, 2] = bad
+    poisoned[1][0] = bad
+    poisoned[2] = np.float32(bad)
+    opt.apply([ops.convert_to_tensor(g) for g in poisoned], variables)
+    for before, after in zip(params_before, _numpy(variables)):
+        np.testing.assert_array_equal(before, after)
+    for before, after in zip(state_before, _numpy(opt.variables)):
+        if before.shape == ():  # iteration counter and learning rate
+            continue
+        np.testing.assert_array_equal(before, after)
+    assert int(opt.iterations) == 2
+    # A later finite gradient updates normally.
+    opt.apply([ops.convert_to_tensor(g) for g in good], variables)
+    after = _numpy(variables)
+    assert all(np.isfinite(a).all() for a in after)
+    assert not np.array_equal(after[0], params_before[0])
+
+
+def test_only_the_poisoned_tensor_is_skipped():
+    rng = np.random.default_rng(1)
+    a = keras.Variable(rng.standard_normal((3, 3)).astype("float32"))
+    b = keras.Variable(rng.standard_normal((3, 3)).astype("float32"))
+    start = _numpy([a, b])
+    g = rng.standard_normal((3, 3)).astype("float32")
+    bad = g.copy()
+    bad[0, 0] = np.nan
+    Celo2().apply([ops.convert_to_tensor(bad), ops.convert_to_tensor(g)], [a, b])
+    np.testing.assert_array_equal(ops.convert_to_numpy(a), start[0])
+    assert not np.array_equal(ops.convert_to_numpy(b), start[1])
+
+
+@pytest.mark.parametrize(
+    "shape", [(), (1,), (1, 1), (1, 50), (50, 1), (2, 300), (3, 3, 4, 8), (5, 7, 3), (2, 1, 6)]
+)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_unusual_shapes_give_unit_rms_finite_steps(cls, shape):
+    rng = np.random.default_rng(0)
+    init = rng.standard_normal(shape).astype("float32")
+    var = keras.Variable(init)
+    opt = cls(learning_rate=1.0)
+    for _ in range(3):
+        before = ops.convert_to_numpy(var)
+        opt.apply([ops.convert_to_tensor(rng.standard_normal(shape).astype("float32"))], [var])
+    after = ops.convert_to_numpy(var)
+    assert after.shape == tuple(shape)
+    assert np.isfinite(after).all()
+    step = (before - after).reshape(celo2_rule.working_shape(shape))
+    route = opt._routes[0]
+    if route == "rule":
+        # Unit RMS over the last two axes (one axis for vectors).
+        axes = (-1,) if step.ndim == 1 else (-2, -1)
+        rms = np.sqrt(np.mean(step.astype("float64") ** 2, axis=axes))
+        np.testing.assert_allclose(rms, 1.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_low_precision_variables_keep_dtype_and_float32_state(cls, dtype):
+    rng = np.random.default_rng(0)
+    var = keras.Variable(rng.standard_normal((8, 4)).astype("float32"), dtype=dtype)
+    vec = keras.Variable(np.zeros(4, "float32"), dtype=dtype)
+    opt = cls(learning_rate=1e-2)
+    for _ in range(2):
+        opt.apply(
+            [
+                ops.cast(ops.convert_to_tensor(rng.standard_normal((8, 4)).astype("float32")), dtype),
+                ops.cast(ops.ones((4,)), dtype),
+            ],
+            [var, vec],
+        )
+    assert keras.backend.standardize_dtype(var.dtype) == dtype
+    assert np.isfinite(ops.convert_to_numpy(ops.cast(var, "float32"))).all()
+    for v in opt.variables:
+        if len(v.shape):
+            assert keras.backend.standardize_dtype(v.dtype) == "float32"
+
+
+def test_integer_variables_are_rejected():
+    var = keras.Variable(np.zeros((3, 3), "int32"), dtype="int32", trainable=False)
+    with pytest.raises(TypeError, match="floating-point"):
+        Celo2().build([var])
+
+
+def test_missing_and_misshaped_weights_are_named(tmp_path):
+    theta = celo2_rule.init_theta()
+    del theta["w1"]
+    theta["w0__3"] = np.zeros((2, 8), "float32")
+    with pytest.raises(ValueError, match=r"missing entries \['w1'\].*'w0__3' has shape \(2, 8\)"):
+        Celo2(weights=theta)
+    path = os.path.join(tmp_path, "bad.npz")
+    save_theta(path, theta, "celo2")
+    with pytest.raises(ValueError, match="missing entries"):
+        Celo2Base(weights=path)
+
+
+def test_unreadable_weight_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Celo2(weights=os.path.join(tmp_path, "nope.state"))
+    junk = os.path.join(tmp_path, "junk.state")
+    with open(junk, "wb") as f:
+        f.write(b"\xc1 not msgpack")
+    with pytest.raises(ValueError, match="Could not decode|holds no weights|not a flax"):
+        Celo2(weights=junk)
+    with pytest.raises(TypeError, match="path or a dict"):
+        Celo2(weights=3.0)
+
+
+def test_weights_round_trip_through_npz(tmp_path):
+    theta = celo2_rule.init_theta(seed=5)
+    path = os.path.join(tmp_path, "theta.npz")
+    save_theta(path, theta, "celo2")
+    opt = Celo2(weights=path)
+    for k, v in theta.items():
+        np.testing.assert_array_equal(opt.theta[k], v)
+    assert opt.get_config()["weights"] == path
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="raw tf.Variable")
+def test_raw_tensorflow_variables():
+    import tensorflow as tf
+
+    kernel = tf.Variable(np.ones((4, 3), "float32"), name="dense_kernel")
+    bias = tf.Variable(np.zeros(3, "float32"), name="dense_bias")
+    emb = tf.Variable(np.ones((10, 4), "float32"), name="embedding_table")
+    opt = Celo2()
+    grads = [tf.ones((4, 3)), tf.ones(3), tf.ones((10, 4))]
+    opt.apply(grads, [kernel, bias, emb])
+    assert opt._routes == ["rule", "adam", "adam"]
+    assert not np.allclose(kernel.numpy(), 1.0)
