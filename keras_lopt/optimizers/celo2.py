@@ -4,6 +4,7 @@ import os
 import re
 
 import numpy as np
+from keras import backend
 from keras import ops
 from keras import optimizers
 from keras.saving import register_keras_serializable
@@ -18,6 +19,16 @@ _WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 def _variable_path(variable):
     # Raw TensorFlow variables have no `path`; their name is the closest thing.
     return getattr(variable, "path", None) or getattr(variable, "name", "") or ""
+
+
+def _densify(gradient):
+    # TensorFlow hands embedding gradients over as `tf.IndexedSlices`, which
+    # keras.ops keep sparse; the learned rule needs every element.
+    if backend.backend() == "tensorflow" and hasattr(gradient, "dense_shape"):
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(gradient)
+    return gradient
 
 
 def _check_float(variable):
@@ -148,6 +159,10 @@ class Celo2Base(optimizers.Optimizer):
         self._theta_tensors = None
 
     def _theta(self):
+        # Graph backends (jax tracing, tf.function) must create the constants
+        # inside each trace; only eager torch can reuse one set of tensors.
+        if backend.backend() != "torch":
+            return self.theta
         if self._theta_tensors is None:
             self._theta_tensors = {
                 k: ops.convert_to_tensor(v) for k, v in self.theta.items()
@@ -167,8 +182,7 @@ class Celo2Base(optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
         lr = ops.cast(learning_rate, "float32")
-        if hasattr(gradient, "indices"):  # tf.IndexedSlices
-            gradient = ops.convert_to_tensor(gradient)
+        gradient = _densify(gradient)
         finite = ops.all(ops.isfinite(gradient))
         if self._routes[index] == "rule":
             slots = self._rule_states[index]

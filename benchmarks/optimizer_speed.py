@@ -1,0 +1,470 @@
+"""Time one optimizer step of Celo2 / Celo2Base next to AdamW / Muon.
+
+Every optimizer updates the same variables: the four matrices of a GPT-2-small
+block, (768, 2304), (768, 768), (768, 3072), (3072, 768), and their biases
+(2304,), (768,), (3072,), (768,), about 7.1M float32 parameters, with fixed
+random gradients. All optimizers use their default arguments. They run in one
+process, interleaved step by step (one step of each per round), so background
+load hits them alike; each row is the median over `--repeats` rounds after
+`--warmup` untimed steps.
+
+How a step is timed on each backend:
+
+* jax: `jax.jit(optimizer.stateless_apply)` (optimizer and model state
+  donated, the outputs fed back as the next inputs), `block_until_ready`.
+  The table also shows the XLA compile time and XLA's temporary buffer size.
+* tensorflow: `tf.function(optimizer.apply, jit_compile=False)`; with
+  `--tf-xla` a second table with `jit_compile=True`.
+* torch: `optimizer.apply` eagerly.
+
+Columns: median ms per step, ratio to AdamW, ratio to Muon, and optimizer state
+bytes / parameter bytes (all `optimizer.variables` except the `iterations` and
+`learning_rate` scalars). Targets (set for jax): Celo2 <= 1.25x Muon,
+Celo2Base <= 4x AdamW.
+
+`--fit-lm` also times end-to-end `model.fit` steps of a small byte-level
+Transformer LM (d_model 128, 2 layers, 4 heads, causal attention, seq len 128,
+batch 32, trained on this repository's own text) with Celo2 and with AdamW:
+the median time between consecutive `on_train_batch_end` calls (the loss is
+read back each step, so asynchronous dispatch cannot hide work).
+
+The markdown tables go to stdout and are appended to
+`benchmarks/results/optimizer_speed_<backend>.md` (`--no-save` to skip).
+
+Commands (from the repository root):
+
+    KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py
+    KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --fit-lm
+    KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/optimizer_speed.py --tf-xla --fit-lm
+    KERAS_BACKEND=torch      .venv/bin/python benchmarks/optimizer_speed.py --fit-lm
+    # smoke test: matrices 4x smaller, 3 rounds, nothing saved
+    KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --quick --fit-lm --no-save
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import keras_lopt  # noqa: F401
+except ImportError:  # running from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+import keras  # noqa: E402
+
+import keras_lopt  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+# (name, shape) of one GPT-2-small block: attention qkv / output projection,
+# MLP up / down projection, and their biases.
+GPT2_BLOCK = [
+    ("attn_qkv_kernel", (768, 2304)),
+    ("attn_proj_kernel", (768, 768)),
+    ("mlp_up_kernel", (768, 3072)),
+    ("mlp_down_kernel", (3072, 768)),
+    ("attn_qkv_bias", (2304,)),
+    ("attn_proj_bias", (768,)),
+    ("mlp_up_bias", (3072,)),
+    ("mlp_down_bias", (768,)),
+]
+
+OPTIMIZERS = {
+    "Celo2": lambda: keras_lopt.optimizers.Celo2(),
+    "Celo2Base": lambda: keras_lopt.optimizers.Celo2Base(),
+    "AdamW": lambda: keras.optimizers.AdamW(),
+    "Muon": lambda: keras.optimizers.Muon(),
+}
+
+TARGETS = {"Celo2": ("Muon", 1.25), "Celo2Base": ("AdamW", 4.0)}
+
+
+# --------------------------------------------------------------------------
+# One optimizer step
+# --------------------------------------------------------------------------
+
+
+def make_problem(scale):
+    """Initial parameter values and fixed gradients, as NumPy arrays."""
+    rng = np.random.default_rng(0)
+    specs = [(n, tuple(max(1, d // scale) for d in s)) for n, s in GPT2_BLOCK]
+    params = [(0.02 * rng.standard_normal(s)).astype("float32") for _, s in specs]
+    grads = [(1e-2 * rng.standard_normal(s)).astype("float32") for _, s in specs]
+    return specs, params, grads
+
+
+def make_variables(specs, params):
+    return [keras.Variable(p, name=n) for (n, _), p in zip(specs, params)]
+
+
+def state_bytes(optimizer):
+    skip = {id(optimizer.iterations), id(getattr(optimizer, "_learning_rate", None))}
+    total = 0
+    for v in optimizer.variables:
+        if id(v) in skip:
+            continue
+        itemsize = np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+        total += int(np.prod(v.shape)) * itemsize
+    return total
+
+
+class JaxStepper:
+    def __init__(self, optimizer, variables, grads):
+        import jax
+
+        self.jax = jax
+        optimizer.build(variables)
+        self.opt_vars = [jax.numpy.array(v.value) for v in optimizer.variables]
+        self.train_vars = [jax.numpy.array(v.value) for v in variables]
+        self.grads = [jax.numpy.asarray(g) for g in grads]
+        jitted = jax.jit(optimizer.stateless_apply, donate_argnums=(0, 2))
+        start = time.perf_counter()
+        compiled = jitted.lower(self.opt_vars, self.grads, self.train_vars).compile()
+        self.compile_s = time.perf_counter() - start
+        self.step_fn = compiled
+        try:
+            self.temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+        except Exception:  # memory_analysis is not available on every platform
+            self.temp_bytes = None
+
+    def step(self):
+        self.train_vars, self.opt_vars = self.step_fn(
+            self.opt_vars, self.grads, self.train_vars
+        )
+        self.jax.block_until_ready((self.train_vars, self.opt_vars))
+
+
+class TfStepper:
+    def __init__(self, optimizer, variables, grads, jit_compile):
+        import tensorflow as tf
+
+        optimizer.build(variables)
+        self.optimizer = optimizer
+        grads = [tf.constant(g) for g in grads]
+        self.fn = tf.function(
+            lambda: optimizer.apply(grads, variables), jit_compile=jit_compile
+        )
+        start = time.perf_counter()
+        self.step()  # traces (and with XLA compiles) the function
+        self.compile_s = time.perf_counter() - start
+        self.temp_bytes = None
+
+    def step(self):
+        self.fn()
+        self.optimizer.iterations.numpy()  # wait for the step to finish
+
+
+class TorchStepper:
+    def __init__(self, optimizer, variables, grads):
+        import torch
+
+        self.sync = torch.cuda.synchronize if torch.cuda.is_available() else None
+        optimizer.build(variables)
+        self.optimizer, self.variables = optimizer, variables
+        self.grads = [keras.ops.convert_to_tensor(g) for g in grads]
+        start = time.perf_counter()
+        self.step()
+        self.compile_s = time.perf_counter() - start
+        self.temp_bytes = None
+
+    def step(self):
+        self.optimizer.apply(self.grads, self.variables)
+        if self.sync:
+            self.sync()
+
+
+def make_stepper(optimizer, variables, grads, mode):
+    if BACKEND == "jax":
+        return JaxStepper(optimizer, variables, grads)
+    if BACKEND == "tensorflow":
+        return TfStepper(optimizer, variables, grads, jit_compile=(mode == "xla"))
+    if BACKEND == "torch":
+        return TorchStepper(optimizer, variables, grads)
+    raise SystemExit(f"Unsupported KERAS_BACKEND={BACKEND!r}")
+
+
+def bench_steps(mode, scale, repeats, warmup):
+    specs, params, grads = make_problem(scale)
+    param_bytes = sum(p.nbytes for p in params)
+    steppers, rows = {}, {}
+    for name, factory in OPTIMIZERS.items():
+        optimizer = factory()
+        try:
+            stepper = make_stepper(optimizer, make_variables(specs, params), grads, mode)
+            for _ in range(warmup):
+                stepper.step()
+        except Exception as e:  # report and keep benchmarking the others
+            rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+            print(f"  {name}: FAILED ({rows[name]['error']})", file=sys.stderr)
+            continue
+        steppers[name] = stepper
+        rows[name] = {
+            "state_ratio": state_bytes(optimizer) / param_bytes,
+            "compile_s": stepper.compile_s,
+            "temp_bytes": stepper.temp_bytes,
+            "times": [],
+        }
+        print(f"  {name}: ready (first call {stepper.compile_s:.1f}s)", file=sys.stderr)
+    for _ in range(repeats):  # interleaved: one step of each optimizer per round
+        for name, stepper in steppers.items():
+            start = time.perf_counter()
+            stepper.step()
+            rows[name]["times"].append(time.perf_counter() - start)
+    for row in rows.values():
+        if "times" in row:
+            row["ms"] = 1e3 * statistics.median(row["times"])
+    return specs, param_bytes, rows
+
+
+def _fmt(value):
+    return "" if value is None else f"{value:.2f}"
+
+
+def format_step_table(rows):
+    def ratio(name, ref):
+        if "ms" in rows[name] and "ms" in rows.get(ref, {}):
+            return rows[name]["ms"] / rows[ref]["ms"]
+        return None
+
+    lines = [
+        "| optimizer | ms/step (median) | ms/step (min) | x AdamW | x Muon "
+        "| state bytes / param bytes | first call (s) | XLA temp (MB) | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | FAILED: {row['error']} | | | | | | | |")
+            continue
+        x_adamw, x_muon = ratio(name, "AdamW"), ratio(name, "Muon")
+        target = ""
+        if name in TARGETS:
+            ref, limit = TARGETS[name]
+            value = ratio(name, ref)
+            if value is not None:
+                verdict = "met" if value <= limit else "MISSED"
+                target = f"<= {limit:g}x {ref}: {verdict} ({value:.2f}x)"
+        temp = "" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"| {name} | {row['ms']:.1f} | {1e3 * min(row['times']):.1f} "
+            f"| {_fmt(x_adamw)} | {_fmt(x_muon)} "
+            f"| {row['state_ratio']:.2f} | {row['compile_s']:.1f} | {temp} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# End-to-end model.fit of a small byte-level Transformer LM
+# --------------------------------------------------------------------------
+
+SEQ_LEN, BATCH, D_MODEL, LAYERS, HEADS = 128, 32, 128, 2, 4
+
+
+class TokenAndPositionEmbedding(keras.layers.Layer):
+    def __init__(self, vocab_size, seq_len, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.token = keras.layers.Embedding(vocab_size, dim, name="token_embedding")
+        self.position = keras.layers.Embedding(seq_len, dim, name="position_embedding")
+
+    def call(self, tokens):
+        positions = keras.ops.arange(keras.ops.shape(tokens)[-1])
+        return self.token(tokens) + self.position(positions)
+
+
+def byte_lm():
+    tokens = keras.Input((SEQ_LEN,), dtype="int32")
+    x = TokenAndPositionEmbedding(256, SEQ_LEN, D_MODEL)(tokens)
+    for _ in range(LAYERS):
+        h = keras.layers.LayerNormalization()(x)
+        h = keras.layers.MultiHeadAttention(HEADS, D_MODEL // HEADS)(
+            h, h, use_causal_mask=True
+        )
+        x = x + h
+        h = keras.layers.LayerNormalization()(x)
+        h = keras.layers.Dense(4 * D_MODEL, activation="gelu")(h)
+        x = x + keras.layers.Dense(D_MODEL)(h)
+    logits = keras.layers.Dense(256)(keras.layers.LayerNormalization()(x))
+    return keras.Model(tokens, logits)
+
+
+def byte_windows(n, seed):
+    """`n` (input, next-byte target) windows cut from this repository's text."""
+    files = sorted(ROOT.glob("keras_lopt/**/*.py")) + sorted(ROOT.glob("*.md"))
+    text = b"".join(f.read_bytes() for f in files)
+    data = np.frombuffer(text, dtype=np.uint8).astype("int32")
+    if len(data) < 4 * (SEQ_LEN + 1):
+        data = np.random.default_rng(seed).integers(0, 256, 1 << 16).astype("int32")
+    starts = np.random.default_rng(seed).integers(0, len(data) - SEQ_LEN - 1, n)
+    windows = np.stack([data[s : s + SEQ_LEN + 1] for s in starts])
+    return windows[:, :-1], windows[:, 1:]
+
+
+class StepTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.intervals = []
+
+    def on_train_begin(self, logs=None):
+        self.last = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and "loss" in logs:
+            float(logs["loss"])  # synchronise: the step really finished
+        now = time.perf_counter()
+        if self.last is not None:
+            self.intervals.append(now - self.last)
+        self.last = now
+
+
+def bench_fit_lm(rounds, steps, warmup):
+    keras.utils.set_random_seed(0)
+    x, y = byte_windows(BATCH * max(steps, warmup), seed=0)
+    runs = {}
+    for name, factory in [
+        ("Celo2", lambda: keras_lopt.optimizers.Celo2()),
+        ("AdamW", lambda: keras.optimizers.AdamW()),
+    ]:
+        keras.utils.set_random_seed(0)
+        model = byte_lm()
+        model.compile(
+            optimizer=factory(),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        timer = StepTimer()
+        start = time.perf_counter()
+        try:
+            model.fit(
+                x[: BATCH * warmup], y[: BATCH * warmup], batch_size=BATCH,
+                epochs=1, shuffle=False, verbose=0,
+            )
+        except Exception as e:
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            print(f"  fit-lm {name}: FAILED ({msg})", file=sys.stderr)
+            runs[name] = {"error": msg}
+            continue
+        runs[name] = {
+            "model": model, "timer": timer, "warmup_s": time.perf_counter() - start,
+            "params": model.count_params(), "jit_compile": model.jit_compile,
+        }
+        print(f"  fit-lm {name}: warm ({runs[name]['warmup_s']:.1f}s)", file=sys.stderr)
+    for _ in range(rounds):  # alternate the two models so load drift hits both
+        for name, run in runs.items():
+            if "error" in run:
+                continue
+            run["model"].fit(
+                x[: BATCH * steps], y[: BATCH * steps], batch_size=BATCH, epochs=1,
+                shuffle=False, verbose=0, callbacks=[run["timer"]],
+            )
+    for run in runs.values():
+        if "timer" in run:
+            run["ms"] = 1e3 * statistics.median(run["timer"].intervals)
+            run["n"] = len(run["timer"].intervals)
+    return runs
+
+
+def format_fit_table(runs):
+    lines = [
+        "| optimizer | ms/train step (median) | x AdamW | steps timed | warm-up fit incl. compile (s) | params | jit_compile |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    ref = runs.get("AdamW", {}).get("ms")
+    for name, run in runs.items():
+        if "error" in run:
+            lines.append(f"| {name} | FAILED: {run['error']} | | | | | |")
+            continue
+        ratio = f"{run['ms'] / ref:.2f}" if ref else ""
+        lines.append(
+            f"| {name} | {run['ms']:.1f} | {ratio} | {run['n']} | {run['warmup_s']:.1f} "
+            f"| {run['params']:,} | {run['jit_compile']} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: matrices 4x smaller, 3 rounds, 1 warm-up")
+    parser.add_argument("--tf-xla", action="store_true",
+                        help="tensorflow: also time tf.function(jit_compile=True)")
+    parser.add_argument("--fit-lm", action="store_true",
+                        help="also time model.fit steps of a small Transformer LM")
+    parser.add_argument("--fit-rounds", type=int, default=3)
+    parser.add_argument("--fit-steps", type=int, default=8,
+                        help="train steps per round and model (first one untimed)")
+    parser.add_argument("--no-save", action="store_true", help="do not write results")
+    parser.add_argument("--out", default=None, help="results file (markdown, appended)")
+    args = parser.parse_args()
+    scale = 1
+    if args.quick:
+        scale, args.repeats, args.warmup = 4, 3, 1
+        args.fit_rounds, args.fit_steps = 1, 4
+
+    modes = ["default"]
+    if BACKEND == "tensorflow":
+        modes = ["tf.function"] + (["xla"] if args.tf_xla else [])
+    mode_titles = {
+        "default": {"jax": "jax.jit(stateless_apply)", "torch": "eager optimizer.apply"}.get(BACKEND, BACKEND),
+        "tf.function": "tf.function(optimizer.apply, jit_compile=False)",
+        "xla": "tf.function(optimizer.apply, jit_compile=True)",
+    }
+
+    load = os.getloadavg()
+    header = [
+        f"## {BACKEND}: {datetime.datetime.now().isoformat(timespec='seconds')}"
+        + (" (QUICK smoke test, matrices 4x smaller)" if args.quick else ""),
+        "",
+        f"keras {keras.__version__}, python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, load average at start {load[0]:.1f}; "
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up steps.",
+    ]
+    sections = []
+    for mode in modes:
+        print(f"[{BACKEND}] optimizer step, {mode_titles[mode]} ...", file=sys.stderr)
+        specs, param_bytes, rows = bench_steps(mode, scale, args.repeats, args.warmup)
+        shapes = ", ".join(str(s) for _, s in specs[:4])
+        sections += [
+            "",
+            f"### One optimizer step, {mode_titles[mode]}",
+            "",
+            f"Matrices {shapes} + biases: {param_bytes // 4:,} float32 parameters.",
+            "",
+            format_step_table(rows),
+        ]
+        print("\n".join(sections[-6:]) + "\n", flush=True)
+    if args.fit_lm:
+        print(f"[{BACKEND}] model.fit of the byte-level LM ...", file=sys.stderr)
+        runs = bench_fit_lm(args.fit_rounds, args.fit_steps, args.warmup + 1)
+        sections += [
+            "",
+            f"### model.fit train step: byte-level Transformer LM (d_model {D_MODEL}, "
+            f"{LAYERS} layers, seq {SEQ_LEN}, batch {BATCH})",
+            "",
+            format_fit_table(runs),
+        ]
+        print("\n".join(sections[-4:]) + "\n", flush=True)
+    load = os.getloadavg()
+    footer = ["", f"Load average at end {load[0]:.1f}.", ""]
+    if not args.no_save:
+        out = Path(args.out) if args.out else (
+            ROOT / "benchmarks" / "results" / f"optimizer_speed_{BACKEND}.md"
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write("\n".join(header + sections + footer) + "\n")
+        print(f"Appended to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
