@@ -23,6 +23,9 @@ def _parser():
     mt.add_argument("--out", required=True, help="output directory")
     mt.add_argument("--iterations", type=int, required=True, help="outer iterations to reach")
     mt.add_argument("--seed", type=int, default=defaults.seed)
+    mt.add_argument("--families", default=None,
+                    help="comma-separated task families (default: all of "
+                         "digits_mlp,mnist1d_mlp,teacher_mlp,digits_deep_mlp)")
     mt.add_argument("--pairs-per-family", type=int, default=defaults.pairs_per_family)
     mt.add_argument("--truncation", type=int, default=defaults.truncation)
     mt.add_argument("--min-horizon", type=int, default=defaults.min_horizon)
@@ -59,6 +62,7 @@ def main(argv=None):
         sigma=args.sigma,
         outer_lr=args.outer_lr,
         outer_weight_decay=args.outer_weight_decay,
+        **({"families": tuple(args.families.split(","))} if args.families else {}),
     )
     meta_train(
         config,

@@ -39,6 +39,7 @@ class MetaTrainConfig:
         adam_lr_ratio: Adam-branch multiplier (rule `"celo2"` only).
         min_scale, max_scale: range of the log-uniform reparametrisation
             scale `s` (the task optimises `L(s * w)` from `w0 / s`).
+        families: names of the task families (`tasks.FAMILIES`).
     """
 
     rule: str = "celo2"
@@ -57,6 +58,7 @@ class MetaTrainConfig:
     adam_lr_ratio: float = 20.0
     min_scale: float = 1e-3
     max_scale: float = 1e3
+    families: tuple = ("digits_mlp", "mnist1d_mlp", "teacher_mlp", "digits_deep_mlp")
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -83,7 +85,8 @@ class PESMetaTrainer:
 
     Args:
         config: a `MetaTrainConfig`.
-        families: list of `TaskFamily`; defaults to `tasks.default_families()`.
+        families: list of `TaskFamily` objects; defaults to those named in
+            `config.families`.
         theta: initial meta-weights; defaults to `celo2_rule.init_theta(seed)`.
 
     Example:
@@ -100,7 +103,9 @@ class PESMetaTrainer:
         from keras_lopt.meta import tasks
 
         self.config = config
-        self.families = families if families is not None else tasks.default_families()
+        if families is None:
+            families = tasks.make_families(list(config.families))
+        self.families = families
         self.theta0 = theta if theta is not None else celo2_rule.init_theta(config.seed)
         self.orthogonalize = config.rule == "celo2"
         devices = jax.devices()
@@ -271,6 +276,21 @@ class PESMetaTrainer:
         meta_loss = jnp.mean(losses)
         return grad, {"runs": runs, "xi": xi}, meta_loss
 
+    def perturbations(self, key, family_index, theta):
+        """The antithetic perturbations `eps` (one per pair) of a family."""
+        import jax
+
+        leaves, treedef = jax.tree_util.tree_flatten(theta)
+        keys = jax.random.split(jax.random.fold_in(key, family_index), len(leaves))
+        return jax.tree_util.tree_unflatten(
+            treedef,
+            [
+                self.config.sigma
+                * jax.random.normal(k, (self.config.pairs_per_family,) + leaf.shape)
+                for k, leaf in zip(keys, leaves)
+            ],
+        )
+
     def _outer_step_impl(self, state):
         import jax
         import jax.numpy as jnp
@@ -280,16 +300,7 @@ class PESMetaTrainer:
         theta = state["theta"]
         grads, pops, losses = [], [], []
         for i, (family, population) in enumerate(zip(self.families, state["populations"])):
-            leaves, treedef = jax.tree_util.tree_flatten(theta)
-            keys = jax.random.split(jax.random.fold_in(k_eps, i), len(leaves))
-            eps = jax.tree_util.tree_unflatten(
-                treedef,
-                [
-                    cfg.sigma
-                    * jax.random.normal(k, (cfg.pairs_per_family,) + leaf.shape)
-                    for k, leaf in zip(keys, leaves)
-                ],
-            )
+            eps = self.perturbations(k_eps, i, theta)
             g, pop, loss = self._family_gradient(family, theta, population, eps)
             grads.append(g)
             pops.append(pop)

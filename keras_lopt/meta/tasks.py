@@ -116,18 +116,26 @@ def teacher_data(seed=0, n=4096, features=32, classes=10):
     return x, y
 
 
+FAMILIES = {
+    "digits_mlp": lambda: TaskFamily("digits_mlp", *digits_data(), (32,), 10),
+    "mnist1d_mlp": lambda: TaskFamily("mnist1d_mlp", *mnist1d_data(), (32,), 10),
+    "teacher_mlp": lambda: TaskFamily("teacher_mlp", *teacher_data(), (32,), 10),
+    "digits_deep_mlp": lambda: TaskFamily("digits_deep_mlp", *digits_data(), (32, 32), 10),
+}
+
+
+def make_families(names):
+    """Builds task families by name (see `FAMILIES`)."""
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        raise ValueError(f"Unknown task families {unknown}; choose from {sorted(FAMILIES)}.")
+    return [FAMILIES[n]() for n in names]
+
+
 def default_families():
     """The meta-training distribution: four MLP families on offline data.
 
     Mirrors the authors' four `64 -> 32 -> 10` image MLPs (which used
     datasets that cannot be downloaded here) with data available offline.
     """
-    digits_x, digits_y = digits_data()
-    m1d_x, m1d_y = mnist1d_data()
-    teach_x, teach_y = teacher_data()
-    return [
-        TaskFamily("digits_mlp", digits_x, digits_y, (32,), 10),
-        TaskFamily("mnist1d_mlp", m1d_x, m1d_y, (32,), 10),
-        TaskFamily("teacher_mlp", teach_x, teach_y, (32,), 10),
-        TaskFamily("digits_deep_mlp", digits_x, digits_y, (32, 32), 10),
-    ]
+    return make_families(list(FAMILIES))

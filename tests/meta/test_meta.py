@@ -1,0 +1,173 @@
+"""Meta-training (JAX): PES bookkeeping, determinism, resume, sharding, CLI."""
+
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_lopt.meta import tasks
+from keras_lopt.meta.pes import MetaTrainConfig
+
+jax_only = pytest.mark.skipif(keras.backend.backend() != "jax", reason="needs KERAS_BACKEND=jax")
+
+
+def tiny_families():
+    x, y = tasks.teacher_data(seed=0, n=64, features=6, classes=3)
+    return [tasks.TaskFamily("tiny", x, y, (4,), 3, batch_size=8)]
+
+
+def tiny_config(**kw):
+    base = dict(rule="celo2", seed=0, pairs_per_family=2, truncation=3, min_horizon=4,
+                max_horizon=8, outer_lr=1e-2)
+    base.update(kw)
+    return MetaTrainConfig(**base)
+
+
+def test_normalised_loss_clips_and_maps_nan_to_max():
+    if keras.backend.backend() != "jax":
+        pytest.skip("needs KERAS_BACKEND=jax")
+    fam = tiny_families()[0]
+    values = np.asarray(fam.normalized_loss(np.array([np.nan, -1.0, 0.5, 100.0], "float32")))
+    cap = 1.5 * math.log(3)
+    np.testing.assert_allclose(values, [cap, 0.0, 0.5, cap], rtol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "jax", reason="checks the non-JAX error")
+def test_non_jax_backend_is_refused_clearly():
+    from keras_lopt.meta.pes import PESMetaTrainer
+
+    with pytest.raises(RuntimeError, match="needs the JAX backend"):
+        PESMetaTrainer(tiny_config(), families=[])
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    out = subprocess.run([sys.executable, "-m", "keras_lopt.cli", "meta-train", "--out", "x",
+                          "--iterations", "1"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "needs the JAX backend" in out.stderr
+
+
+@jax_only
+def test_task_reparametrisation_and_horizons():
+    import jax
+
+    from keras_lopt.meta.pes import PESMetaTrainer
+
+    trainer = PESMetaTrainer(tiny_config(min_horizon=10, max_horizon=1000), families=tiny_families())
+    fam = trainer.families[0]
+    for seed in range(20):
+        key = jax.random.PRNGKey(seed)
+        run = trainer._init_run(fam, key)
+        assert 10 <= int(run["horizon"]) <= 1000
+        s = float(np.exp(run["log_scale"]))
+        assert 1e-3 <= s <= 1e3
+        w0 = fam.init_params(jax.random.split(key, 3)[2])
+        for p, w in zip(run["params"], w0):
+            np.testing.assert_allclose(np.asarray(p) * s, np.asarray(w), rtol=1e-5, atol=1e-7)
+    state = trainer.init()
+    runs = state["populations"][0]["runs"]
+    t, horizon = np.asarray(runs["t"]), np.asarray(runs["horizon"])
+    assert ((0 <= t) & (t < horizon)).all()
+    # Antithetic particles share task, horizon and clock.
+    np.testing.assert_array_equal(t[:2], t[2:])
+
+
+@jax_only
+def test_pes_accumulators_reset_with_their_runs():
+    import jax
+
+    from keras_lopt.meta.pes import PESMetaTrainer
+
+    trainer = PESMetaTrainer(tiny_config(min_horizon=5, max_horizon=5, truncation=2),
+                             families=tiny_families())
+    state = trainer.init()
+    saw_reset = saw_continue = False
+    for _ in range(6):
+        xi_before = {k: np.asarray(v) for k, v in state["populations"][0]["xi"].items()}
+        t_before = np.asarray(state["populations"][0]["runs"]["t"])[:2]
+        _, k_eps = jax.random.split(state["key"])
+        eps = trainer.perturbations(k_eps, 0, state["theta"])
+        eps = {k: np.asarray(v) for k, v in eps.items()}
+        state, metrics = trainer.outer_step(state)
+        assert np.isfinite(float(metrics["meta_loss"]))
+        t_after = np.asarray(state["populations"][0]["runs"]["t"])[:2]
+        for pair in range(2):
+            restarted = t_after[pair] != t_before[pair] + 2
+            for k, xi in state["populations"][0]["xi"].items():
+                want = eps[k][pair] if restarted else xi_before[k][pair] + eps[k][pair]
+                np.testing.assert_allclose(np.asarray(xi)[pair], want, rtol=1e-5, atol=1e-7)
+            saw_reset |= bool(restarted)
+            saw_continue |= not restarted
+    assert saw_reset and saw_continue
+
+
+@jax_only
+def test_determinism_and_exact_resume(tmp_path):
+    from keras_lopt.meta.train import meta_train
+
+    # `a` runs straight through; `c` is killed after 2 iterations and resumed.
+    a = meta_train(tiny_config(), str(tmp_path / "a"), 4, checkpoint_every=2,
+                   families=tiny_families(), verbose=0)
+    meta_train(tiny_config(), str(tmp_path / "c"), 2, families=tiny_families(), verbose=0)
+    c = meta_train(tiny_config(), str(tmp_path / "c"), 4, families=tiny_families(), verbose=0)
+    start = tiny_config()
+    from keras_lopt.optimizers import celo2_rule
+
+    theta0 = celo2_rule.init_theta(start.seed)
+    assert any(not np.array_equal(a[k], theta0[k]) for k in a)
+    for k in a:
+        np.testing.assert_array_equal(a[k], c[k])
+    rows = open(tmp_path / "c" / "metrics.csv").read().strip().splitlines()
+    assert len(rows) == 5  # header + 4 iterations, none duplicated by the resume
+    assert os.path.exists(tmp_path / "a" / "meta_loss.png")
+
+
+SHARDING_SCRIPT = """
+import jax, numpy as np, sys
+sys.path.insert(0, {repo!r})
+from tests.meta.test_meta import tiny_config, tiny_families
+from keras_lopt.meta.pes import PESMetaTrainer
+trainer = PESMetaTrainer(tiny_config(pairs_per_family=4, outer_lr=1e-3), families=tiny_families())
+state = trainer.init()
+for _ in range(3):
+    state, _ = trainer.outer_step(state)
+t = state["populations"][0]["runs"]["t"]
+print("DEVICES", len(t.sharding.device_set))
+np.savez({out!r}, **{{k: np.asarray(v) for k, v in state["theta"].items()}})
+"""
+
+
+@jax_only
+def test_population_is_sharded_over_devices_with_same_result(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    results = {}
+    for n in (1, 4):
+        out = str(tmp_path / f"theta{n}.npz")
+        env = dict(os.environ, KERAS_BACKEND="jax",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT.format(repo=repo, out=out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"DEVICES {n}" in proc.stdout
+        results[n] = np.load(out)
+    # Equal up to float re-association inside XLA's partitioned programs.
+    for k in results[1].files:
+        np.testing.assert_allclose(results[1][k], results[4][k], rtol=0, atol=5e-6)
+
+
+@jax_only
+def test_cli_meta_train(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    proc = subprocess.run(
+        [sys.executable, "-m", "keras_lopt.cli", "meta-train", "--rule", "celo2_base",
+         "--out", str(out), "--iterations", "2", "--families", "teacher_mlp",
+         "--pairs-per-family", "1", "--truncation", "2", "--quiet"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from keras_lopt.optimizers import Celo2Base
+
+    opt = Celo2Base(weights=str(out / "theta.npz"))
+    assert opt.theta["w1"].shape == (8, 8)
+    assert (out / "checkpoint.npz").exists() and (out / "metrics.csv").exists()
