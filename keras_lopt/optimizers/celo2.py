@@ -10,6 +10,7 @@ from keras import optimizers
 from keras.saving import register_keras_serializable
 
 from keras_lopt.optimizers import celo2_rule
+from keras_lopt.optimizers._backend import densify
 from keras_lopt.optimizers.checkpoints import load_theta
 from keras_lopt.optimizers.checkpoints import validate_theta
 
@@ -19,16 +20,6 @@ _WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 def _variable_path(variable):
     # Raw TensorFlow variables have no `path`; their name is the closest thing.
     return getattr(variable, "path", None) or getattr(variable, "name", "") or ""
-
-
-def _densify(gradient):
-    # TensorFlow hands embedding gradients over as `tf.IndexedSlices`, which
-    # keras.ops keep sparse; the learned rule needs every element.
-    if backend.backend() == "tensorflow" and hasattr(gradient, "dense_shape"):
-        import tensorflow as tf
-
-        return tf.convert_to_tensor(gradient)
-    return gradient
 
 
 def _check_float(variable):
@@ -182,7 +173,7 @@ class Celo2Base(optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
         lr = ops.cast(learning_rate, "float32")
-        gradient = _densify(gradient)
+        gradient = densify(gradient)
         finite = ops.all(ops.isfinite(gradient))
         if self._routes[index] == "rule":
             slots = self._rule_states[index]

@@ -12,6 +12,9 @@ Towards Learned Optimization Free Lunch", ICLR 2026).
 import numpy as np
 from keras import ops
 
+from keras_lopt.optimizers._backend import compiles_elementwise_fusions
+from keras_lopt.optimizers._backend import means
+
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAY = 0.95
 ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
@@ -141,6 +144,43 @@ def _first_layer_blocks(theta):
     return [ops.convert_to_tensor(theta[f"w0__{k}"]) for k in range(len(FEATURE_WIDTHS))]
 
 
+def _mlp_matmul(elem, elem_scale, w_elem, bias, theta, ws, rank):
+    """The MLP as three matmuls over a stacked `(..., channels)` tensor."""
+    n_elem = len(elem)
+    lead = ws[:-2] if rank >= 2 else ()
+    slice_size = int(np.prod(ws[len(lead):]))
+    x = ops.reshape(ops.stack(elem, axis=-1), lead + (slice_size, n_elem))
+    scale = ops.reshape(ops.stack(elem_scale, axis=-1), lead + (n_elem, 1))
+    hidden = ops.reshape(ops.matmul(x, scale * w_elem), ws + (HIDDEN_SIZE,))
+    hidden = ops.relu(hidden + bias)
+    hidden = ops.relu(
+        ops.matmul(hidden, ops.convert_to_tensor(theta["w1"]))
+        + ops.convert_to_tensor(theta["b1"])
+    )
+    w2 = ops.convert_to_tensor(theta["w2"])
+    return ops.matmul(hidden, w2[:, 0]) + ops.convert_to_tensor(theta["b2"])[0]
+
+
+def _mlp_elementwise(elem, elem_scale, w_elem, bias, theta):
+    """The MLP unrolled into element-wise multiply-adds (one XLA fusion)."""
+    w1 = ops.convert_to_tensor(theta["w1"])
+    w2 = ops.convert_to_tensor(theta["w2"])
+    b1 = ops.convert_to_tensor(theta["b1"])
+    h1 = []
+    for j in range(HIDDEN_SIZE):
+        acc = bias[..., j]
+        for c, x in enumerate(elem):
+            acc = acc + x * (elem_scale[c] * w_elem[c, j])
+        h1.append(ops.relu(acc))
+    out = ops.convert_to_tensor(theta["b2"])[0]
+    for k in range(HIDDEN_SIZE):
+        acc = b1[k]
+        for j in range(HIDDEN_SIZE):
+            acc = acc + h1[j] * w1[j, k]
+        out = out + ops.relu(acc) * w2[k, 0]
+    return out
+
+
 def celo2_step(theta, state, grad, param, orthogonalize=True):
     """One Celo2 step for one tensor.
 
@@ -177,11 +217,23 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
     # Element-wise channels (those of the full shape) and broadcast channels
     # (row/column statistics), each with its first-layer row block.
     blocks = _first_layer_blocks(theta)
+    # Each element-wise channel comes with its square written differently
+    # from the channel itself, so that XLA computes the normalisers from
+    # the state directly instead of materialising every channel for both
+    # the reduction and the MLP.
+    g2 = ops.square(g)
+    mom2 = ops.square(mom)
+    inv_v = 1.0 / (rms + 1e-8)
     elem = [g, ops.clip(g, -0.1, 0.1), p]
+    elem_sq = [g2, ops.minimum(g2, 0.01), ops.square(p)]
     elem += [mom[i] for i in range(3)]
+    elem_sq += [mom2[i] for i in range(3)]
     elem += [rms]
+    elem_sq += [ops.square(rms)]
     elem += [mom[i] * rho for i in range(3)]
+    elem_sq += [mom2[i] * inv_v for i in range(3)]
     elem += [rho]
+    elem_sq += [inv_v]
     dims = factored_dims(ws)
     bcast = []
     if dims is None:
@@ -189,7 +241,9 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
         new_state["v_diag"] = v_diag
         fac_scale = ops.rsqrt(ops.maximum(v_diag + 1e-9, 1e-9))
         elem += [g * fac_scale[i] for i in range(3)]
+        elem_sq += [g2 / ops.maximum(v_diag[i] + 1e-9, 1e-9) for i in range(3)]
         elem += [g * rho]
+        elem_sq += [g2 * inv_v]
         weights = ops.concatenate(blocks[:UNFACTORED_GROUPS], axis=0)
     else:
         d0, d1 = dims
@@ -212,14 +266,17 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
         col = ops.expand_dims(v_col, d1 + 1)
         r = ops.expand_dims(r, d0 + 1)
         c = ops.expand_dims(c, d1 + 1)
-        rc = r * c
-        elem += [g * rc[i] for i in range(3)]
+        r2, c2 = ops.square(r), ops.square(c)
+        elem += [g * r[i] * c[i] for i in range(3)]
+        elem_sq += [g2 * r2[i] * c2[i] for i in range(3)]
         elem += [g * rho]
+        elem_sq += [g2 * inv_v]
         bcast += [row[i] for i in range(3)]
         bcast += [col[i] for i in range(3)]
         bcast += [ops.rsqrt(row[i] + 1e-8) for i in range(3)]
         bcast += [ops.rsqrt(col[i] + 1e-8) for i in range(3)]
-        elem += [mom[i] * rc[i] for i in range(3)]
+        elem += [mom[i] * r[i] * c[i] for i in range(3)]
+        elem_sq += [mom2[i] * r2[i] * c2[i] for i in range(3)]
         weights = ops.concatenate(blocks, axis=0)
 
     n_elem = len(elem)
@@ -234,26 +291,17 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
 
     # Input normalisation is a per-slice scale of each channel; fold it into
     # the first-layer weights instead of rescaling every element.
-    elem_scale = ops.stack([_inv_rms(x, axes) for x in elem], axis=-1)
-    x = ops.stack(elem, axis=-1)
+    elem_scale = [ops.rsqrt(ms + 1e-9) for ms in means(elem_sq, axes)]
     w_elem = ops.take(weights, elem_rows, axis=0)
-    lead = ws[:-2] if rank >= 2 else ()
-    slice_size = int(np.prod(ws[len(lead):]))
-    x = ops.reshape(x, lead + (slice_size, n_elem))
-    scale = ops.reshape(elem_scale, lead + (n_elem, 1))
-    hidden = ops.matmul(x, scale * w_elem)
-    hidden = ops.reshape(hidden, ws + (HIDDEN_SIZE,))
+    bcast_hidden = 0.0
     for k, row_index in enumerate(bcast_rows):
         ch = bcast[k]
-        hidden = hidden + ops.expand_dims(ch * _inv_rms(ch, axes), -1) * weights[row_index]
-    hidden = ops.relu(hidden + ops.convert_to_tensor(theta["b0"]))
-    hidden = ops.relu(
-        ops.matmul(hidden, ops.convert_to_tensor(theta["w1"]))
-        + ops.convert_to_tensor(theta["b1"])
-    )
-    w2 = ops.convert_to_tensor(theta["w2"])
-    b2 = ops.convert_to_tensor(theta["b2"])
-    direction = ops.matmul(hidden, w2[:, 0]) + b2[0]
+        bcast_hidden = bcast_hidden + ops.expand_dims(ch * _inv_rms(ch, axes), -1) * weights[row_index]
+    b0 = ops.convert_to_tensor(theta["b0"])
+    if compiles_elementwise_fusions():
+        direction = _mlp_elementwise(elem, elem_scale, w_elem, bcast_hidden + b0, theta)
+    else:
+        direction = _mlp_matmul(elem, elem_scale, w_elem, bcast_hidden + b0, theta, ws, rank)
 
     if orthogonalize and rank >= 2:
         direction = newton_schulz(direction)
