@@ -12,15 +12,16 @@ How a step is timed on each backend:
 
 * jax: `jax.jit(optimizer.stateless_apply)` (optimizer and model state
   donated, the outputs fed back as the next inputs), `block_until_ready`.
-  The table also shows the XLA compile time and XLA's temporary buffer size.
 * tensorflow: `tf.function(optimizer.apply, jit_compile=False)`; with
   `--tf-xla` a second table with `jit_compile=True`.
 * torch: `optimizer.apply` eagerly.
 
-Columns: median ms per step, ratio to AdamW, ratio to Muon, and optimizer state
-bytes / parameter bytes (all `optimizer.variables` except the `iterations` and
-`learning_rate` scalars). Targets (set for jax): Celo2 <= 1.25x Muon,
-Celo2Base <= 4x AdamW.
+Columns: median and minimum ms per step, the median's ratio to AdamW and to
+Muon, optimizer state bytes / parameter bytes (all `optimizer.variables` but
+the `iterations` and `learning_rate` scalars), the first call's time (on jax
+the trace + XLA compile, on tensorflow the trace, on torch one eager step), on
+jax XLA's temporary buffer size, and the targets (set for jax): Celo2 <= 1.25x
+Muon, Celo2Base <= 4x AdamW.
 
 `--fit-lm` also times end-to-end `model.fit` steps of a small byte-level
 Transformer LM (d_model 128, 2 layers, 4 heads, causal attention, seq len 128,
@@ -33,10 +34,12 @@ The markdown tables go to stdout and are appended to
 
 Commands (from the repository root):
 
-    KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py
     KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --fit-lm
-    KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/optimizer_speed.py --tf-xla --fit-lm
+    KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/optimizer_speed.py --fit-lm --tf-xla
     KERAS_BACKEND=torch      .venv/bin/python benchmarks/optimizer_speed.py --fit-lm
+    # On a machine busy with other jobs, add `--threads 1`: with their default
+    # thread pools the backends' timings swing by 10x or more (torch worst).
+    KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --fit-lm --threads 1
     # smoke test: matrices 4x smaller, 3 rounds, nothing saved
     KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --quick --fit-lm --no-save
 """
@@ -53,6 +56,27 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _limit_threads():
+    """`--threads N`: set before any backend is imported, or it is too late."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--threads", type=int, default=None)
+    n = early.parse_known_args()[0].threads
+    if n:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                    "TF_NUM_INTEROP_THREADS"):
+            os.environ[var] = str(n)
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}"
+            + f" intra_op_parallelism_threads={n}"
+        ).strip()
+    return n
+
+
+THREADS = _limit_threads()
+
 try:
     import keras_lopt  # noqa: F401
 except ImportError:  # running from a checkout that is not pip-installed
@@ -63,6 +87,10 @@ import keras  # noqa: E402
 import keras_lopt  # noqa: E402
 
 BACKEND = keras.backend.backend()
+if THREADS and BACKEND == "torch":
+    import torch
+
+    torch.set_num_threads(THREADS)
 
 # (name, shape) of one GPT-2-small block: attention qkv / output projection,
 # MLP up / down projection, and their biases.
@@ -390,6 +418,28 @@ def format_fit_table(runs):
 # --------------------------------------------------------------------------
 
 
+def code_version():
+    """Where keras_lopt came from, and its git commit when that is this checkout."""
+    import subprocess
+
+    location = Path(keras_lopt.__file__).resolve().parent
+    text = f"keras_lopt from {location}"
+    try:
+        location.relative_to(ROOT)
+    except ValueError:
+        return text
+    try:
+        git = ["git", "-C", str(ROOT)]
+        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "keras_lopt"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        text += f", git {commit}" + (" + uncommitted changes in keras_lopt/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return text
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (median)")
@@ -403,6 +453,9 @@ def main():
     parser.add_argument("--fit-rounds", type=int, default=3)
     parser.add_argument("--fit-steps", type=int, default=8,
                         help="train steps per round and model (first one untimed)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="limit the backend to N CPU threads (steadier timings "
+                             "on a loaded machine)")
     parser.add_argument("--no-save", action="store_true", help="do not write results")
     parser.add_argument("--out", default=None, help="results file (markdown, appended)")
     args = parser.parse_args()
@@ -426,8 +479,11 @@ def main():
         + (" (QUICK smoke test, matrices 4x smaller)" if args.quick else ""),
         "",
         f"keras {keras.__version__}, python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, load average at start {load[0]:.1f}; "
+        f"{os.cpu_count()} CPUs, threads {THREADS or 'backend default'}, "
+        f"load average at start {load[0]:.1f}; "
         f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up steps.",
+        "",
+        code_version() + ".",
     ]
     sections = []
     for mode in modes:

@@ -13,6 +13,9 @@ Run it on any Keras backend (`make demo` runs the first line):
     KERAS_BACKEND=jax        python examples/demo.py
     KERAS_BACKEND=tensorflow python examples/demo.py
     KERAS_BACKEND=torch      python examples/demo.py --epochs 5 --out-dir /tmp/demo
+
+On a CPU shared with other busy jobs, `OMP_NUM_THREADS=1` keeps torch from
+stalling on its thread pool (here it cut the torch run from 8 to 0.6 minutes).
 """
 
 import argparse
