@@ -1,0 +1,27 @@
+"""Smoke tests: the benchmark and demo scripts still run end to end."""
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def _run(args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    proc = subprocess.run([sys.executable] + args, cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_evaluate_harness_quick(tmp_path):
+    out = _run(["benchmarks/evaluate.py", "--quick", "--steps", "6", "--tasks", "mlp_breast_cancer",
+                "--optimizers", "celo2", "adamw", "--lrs", "1e-3", "--out", str(tmp_path)], tmp_path)
+    assert "mlp_breast_cancer" in out
+    assert (tmp_path / "evaluate.md").exists() and (tmp_path / "evaluate.json").exists()
+
+
+def test_demo_runs(tmp_path):
+    out = _run(["examples/demo.py", "--epochs", "1", "--out-dir", str(tmp_path)], tmp_path)
+    assert "Celo2" in out and (tmp_path / "demo_celo2_vs_adamw.png").exists()
