@@ -98,7 +98,6 @@ class Celo2Base(optimizers.Optimizer):
             gradient_accumulation_steps=gradient_accumulation_steps,
             **kwargs,
         )
-        self.weights_source = weights if isinstance(weights, str) else None
         self.theta = self._load_weights(weights)
 
     def _load_weights(self, weights):
@@ -211,27 +210,19 @@ class Celo2Base(optimizers.Optimizer):
 
     def get_config(self):
         config = super().get_config()
-        config["weights"] = self.weights_source or self._default_theta_or_arrays()
+        # The meta-weights themselves (347 numbers), not the path they came
+        # from, so that a saved model loads anywhere; `None` means shipped.
+        config["weights"] = None if self._has_shipped_weights() else {
+            k: v.tolist() for k, v in self.theta.items()
+        }
         return config
 
-    def _default_theta_or_arrays(self):
+    def _has_shipped_weights(self):
         default = os.path.join(_WEIGHTS_DIR, self._default_weights_file)
-        if os.path.exists(default):
-            shipped = load_theta(default)
-            if all(np.array_equal(shipped[k], self.theta[k]) for k in shipped):
-                return None
-        return {k: v.tolist() for k, v in self.theta.items()}
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        weights = config.get("weights")
-        if isinstance(weights, str) and not os.path.exists(weights):
-            raise FileNotFoundError(
-                f"The optimizer config names weights at {weights!r}, which do "
-                "not exist here."
-            )
-        return super().from_config(config, custom_objects=custom_objects)
+        if not os.path.exists(default):
+            return False
+        shipped = load_theta(default)
+        return all(np.array_equal(shipped[k], self.theta[k]) for k in shipped)
 
 
 @register_keras_serializable(package="keras_lopt")
