@@ -102,9 +102,12 @@ class PESMetaTrainer:
 
         from keras_lopt.meta import tasks
 
-        self.config = config
         if families is None:
             families = tasks.make_families(list(config.families))
+        else:
+            # Record what is really trained on, so checkpoints name it.
+            config = dataclasses.replace(config, families=tuple(f.name for f in families))
+        self.config = config
         self.families = families
         self.theta0 = theta if theta is not None else celo2_rule.init_theta(config.seed)
         self.orthogonalize = config.rule == "celo2"

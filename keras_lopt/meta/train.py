@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 
@@ -61,7 +62,15 @@ def _trim_metrics(path, iteration):
     if not rows:
         return
     fields = list(rows[0].keys())
-    rows = [r for r in rows if int(r["iteration"]) <= iteration]
+    def complete(row):
+        try:
+            return all(v not in (None, "") for v in row.values()) and (
+                int(row["iteration"]) <= iteration
+            )
+        except ValueError:
+            return False
+
+    rows = [r for r in rows if complete(r)]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -136,6 +145,14 @@ def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
     metrics_path = os.path.join(out_dir, METRICS)
     if resume and os.path.exists(ckpt):
         trainer, state = load_checkpoint(ckpt, families=families)
+        if config is not None and dataclasses.replace(
+            config, families=trainer.config.families
+        ) != trainer.config:
+            warnings.warn(
+                f"Resuming {ckpt} with the configuration it was started with, "
+                f"{trainer.config}; the one passed now, {config}, is ignored.",
+                stacklevel=2,
+            )
         start = int(state["iteration"])
         _trim_metrics(metrics_path, start)
     else:
@@ -152,7 +169,8 @@ def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
 
         bar = tqdm(total=iterations, initial=start, desc=f"meta-train {rule}",
                    unit="it", dynamic_ncols=True, mininterval=5.0)
-    csv_file = open(metrics_path, "a", newline="")
+    # Line-buffered, so that a kill leaves whole rows only.
+    csv_file = open(metrics_path, "a", newline="", buffering=1)
     writer = None
     # wall_s is cumulative over resumed sessions.
     t_start = time.time() - _last_wall_time(metrics_path)

@@ -3,7 +3,6 @@
 import os
 import re
 
-import numpy as np
 from keras import backend
 from keras import ops
 from keras import optimizers
@@ -210,19 +209,11 @@ class Celo2Base(optimizers.Optimizer):
 
     def get_config(self):
         config = super().get_config()
-        # The meta-weights themselves (347 numbers), not the path they came
-        # from, so that a saved model loads anywhere; `None` means shipped.
-        config["weights"] = None if self._has_shipped_weights() else {
-            k: v.tolist() for k, v in self.theta.items()
-        }
+        # The meta-weights themselves (347 numbers), never a path or "the
+        # shipped ones": a saved model then loads anywhere, and keeps its
+        # weights when a later release ships new defaults.
+        config["weights"] = {k: v.tolist() for k, v in self.theta.items()}
         return config
-
-    def _has_shipped_weights(self):
-        default = os.path.join(_WEIGHTS_DIR, self._default_weights_file)
-        if not os.path.exists(default):
-            return False
-        shipped = load_theta(default)
-        return all(np.array_equal(shipped[k], self.theta[k]) for k in shipped)
 
 
 @register_keras_serializable(package="keras_lopt")

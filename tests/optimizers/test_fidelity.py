@@ -66,6 +66,11 @@ def test_rule_steps_and_state_match_reference(reference, variant):
                 mom.reshape(ref_mom.shape), ref_mom, rtol=1e-5, atol=1e-7,
                 err_msg=f"momentum after step {t} of {leaf}",
             )
+            ref_rms = cases[f"state/{t}/rms/{leaf}"]
+            np.testing.assert_allclose(
+                ops.convert_to_numpy(state["rms"]).reshape(ref_rms.shape), ref_rms,
+                rtol=1e-5, atol=1e-30, err_msg=f"rms after step {t} of {leaf}",
+            )
             for key in ("v_row", "v_col", "v_diag"):
                 if f"state/{t}/{key}/{leaf}" in cases:
                     ref = cases[f"state/{t}/{key}/{leaf}"]
