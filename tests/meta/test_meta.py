@@ -256,3 +256,35 @@ def test_pes_gradient_points_uphill_along_a_shared_direction():
     norm2 = sum(float(np.sum(d[k] ** 2)) for k in d)
     assert slope != 0
     np.testing.assert_allclose(projected / norm2, slope, rtol=1e-3)
+
+
+@jax_only
+@pytest.mark.parametrize("rule", ["celo2", "celo2_base"])
+def test_inner_step_is_the_keras_optimizer_step(rule):
+    """One learned rule, two drivers: an inner meta-training step equals
+    `Celo2`/`Celo2Base.apply` on the same gradients (task scale s = 1)."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_lopt.meta.pes import PESMetaTrainer
+    from keras_lopt.optimizers import Celo2
+    from keras_lopt.optimizers import Celo2Base
+    from keras_lopt.optimizers import celo2_rule
+
+    trainer = PESMetaTrainer(tiny_config(rule=rule, min_horizon=50, max_horizon=50),
+                             families=tiny_families())
+    family = trainer.families[0]
+    theta = celo2_rule.init_theta(seed=4)
+    run = trainer._init_run(family, jax.random.PRNGKey(0))
+    run["log_scale"] = jnp.zeros(())
+    run["params"] = family.init_params(jax.random.PRNGKey(1))
+    x, y = family.sample_batch(jax.random.fold_in(run["key"], run["t"]))
+    grads = jax.grad(lambda ps: family.loss(ps, x, y))(run["params"])
+    new_run, _ = trainer._inner_step(family, theta, run)
+
+    cls = Celo2 if rule == "celo2" else Celo2Base
+    opt = cls(weights=theta, learning_rate=trainer.config.inner_lr)
+    variables = [keras.Variable(np.asarray(p)) for p in run["params"]]
+    opt.apply(list(grads), variables)
+    for v, p in zip(variables, new_run["params"]):
+        np.testing.assert_allclose(np.asarray(v.value), np.asarray(p), rtol=0, atol=1e-7)
