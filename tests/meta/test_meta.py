@@ -151,9 +151,11 @@ def test_population_is_sharded_over_devices_with_same_result(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"DEVICES {n}" in proc.stdout
         results[n] = np.load(out)
-    # Equal up to float re-association inside XLA's partitioned programs.
+    # Equal up to float re-association inside XLA's partitioned programs,
+    # which Adam's first steps (about sign(g) * lr) can magnify; a real error
+    # (other perturbations, a mis-sharded pair) moves theta by ~lr = 1e-3.
     for k in results[1].files:
-        np.testing.assert_allclose(results[1][k], results[4][k], rtol=0, atol=5e-6)
+        np.testing.assert_allclose(results[1][k], results[4][k], rtol=0, atol=2e-5)
 
 
 @jax_only
