@@ -279,7 +279,6 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
         elem_sq += [mom2[i] * r2[i] * c2[i] for i in range(3)]
         weights = ops.concatenate(blocks, axis=0)
 
-    n_elem = len(elem)
     # Order of rows in `weights`: groups 0..8 are element-wise (15 rows),
     # 9..12 are broadcast (12 rows), 13 is element-wise again (3 rows).
     if bcast:

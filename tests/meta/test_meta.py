@@ -238,8 +238,6 @@ def test_pes_gradient_matches_a_step_by_step_computation():
 def test_pes_gradient_points_uphill_along_a_shared_direction():
     """With every pair perturbed along one direction d and fresh runs, the
     estimate projected on d is the finite-difference slope of the loss."""
-    import jax
-
     from keras_lopt.meta.pes import PESMetaTrainer
 
     trainer = PESMetaTrainer(tiny_config(pairs_per_family=2, truncation=5, min_horizon=50,
