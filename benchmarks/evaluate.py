@@ -98,8 +98,12 @@ def register_optimizer(name, label, make, tuned=False):
     OPTIMIZERS[name] = OptimizerSpec(label, make, tuned)
 
 
-register_optimizer("celo2", "Celo2", lambda lr: keras_lopt.optimizers.Celo2())
-register_optimizer("celo2_base", "Celo2Base", lambda lr: keras_lopt.optimizers.Celo2Base())
+# The learned optimizers are untuned: `lr` is None, or a schedule that starts
+# at their default 1e-3 (`--schedule cosine`).
+register_optimizer("celo2", "Celo2", lambda lr: keras_lopt.optimizers.Celo2(lr or 1e-3))
+register_optimizer(
+    "celo2_base", "Celo2Base", lambda lr: keras_lopt.optimizers.Celo2Base(lr or 1e-3)
+)
 register_optimizer(
     "adamw", "AdamW", lambda lr: keras.optimizers.AdamW(learning_rate=lr), tuned=True
 )
@@ -164,7 +168,10 @@ def iqm(values):
 # --- training --------------------------------------------------------------
 
 
-def train(task, spec, learning_rate, steps, seed):
+UNTUNED_LR = 1e-3
+
+
+def train(task, spec, learning_rate, steps, seed, schedule="constant"):
     """One seeded training run; returns its per-step losses and timings.
 
     A run whose loss becomes non-finite stops there and its curve is padded
@@ -182,7 +189,10 @@ def train(task, spec, learning_rate, steps, seed):
         keras.backend.clear_session()
         keras.utils.set_random_seed(seed)
         model = task.build_model()
-        optimizer = spec.make(learning_rate)
+        lr = learning_rate
+        if schedule == "cosine":
+            lr = keras.optimizers.schedules.CosineDecay(learning_rate or UNTUNED_LR, steps)
+        optimizer = spec.make(lr)
         model.compile(optimizer=optimizer, loss=task.loss)
         run["learning_rate"] = float(f"{keras.ops.convert_to_numpy(optimizer.learning_rate):.6g}")
         run.update(fit(model, task, steps, seed))
@@ -216,14 +226,14 @@ def fit(model, task, steps, seed):
     return {"losses": losses, "first_step_s": first_step_s, "step_s": step_s}
 
 
-def evaluate_task(task, names, lrs, steps, seed):
+def evaluate_task(task, names, lrs, steps, seed, schedule="constant"):
     """All runs of one task, the best run per optimizer and the speedups."""
     result = {"description": task.description, "log_y": task.log_y, "runs": {}, "best": {}}
     for name in names:
         spec = OPTIMIZERS[name]
         runs = []
         for lr in lrs if spec.tuned else [None]:
-            runs.append(train(task, spec, lr, steps, seed))
+            runs.append(train(task, spec, lr, steps, seed, schedule))
             log(f"[{task.name}] {spec.label} lr={runs[-1]['learning_rate']:.0e}: final loss "
                 f"{runs[-1]['final_loss']:.4g}, {1e3 * runs[-1]['step_s']:.1f} ms/step")
         finals = [r["final_loss"] if math.isfinite(r["final_loss"]) else math.inf for r in runs]
@@ -310,7 +320,8 @@ def markdown(results):
         "",
         f"Backend `{config['backend']}`, {config['steps']} steps per run, seed "
         f"{config['seed']}, Python {config['python']}, Keras {config['keras']}. "
-        f"Tuned optimizers swept over learning rates {config['lrs']}.",
+        f"Tuned optimizers swept over learning rates {config['lrs']}; "
+        f"schedule: {config.get('schedule', 'constant')}.",
         "",
         f"## Final training loss (mean of the last {smoothing_window(config['steps'])} steps)",
         "",
@@ -417,6 +428,9 @@ def parse_args(argv):
                         help=f"learning rates for tuned optimizers (default {LR_GRID}, "
                              f"--quick {QUICK_LR_GRID})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                        help="learning-rate schedule for every optimizer: constant, or "
+                             "cosine decay to 0 over --steps from the (tuned or default) rate")
     parser.add_argument("--quick", action="store_true", help="tiny budget for smoke tests")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
@@ -432,6 +446,7 @@ def main(argv=None):
         "config": {
             "backend": keras.backend.backend(), "steps": args.steps, "seed": args.seed,
             "lrs": list(args.lrs), "optimizers": args.optimizers, "reference": REFERENCE,
+            "schedule": args.schedule,
             "smoothing_window": smoothing_window(args.steps),
             "python": platform.python_version(), "keras": keras.__version__,
         },
@@ -440,7 +455,7 @@ def main(argv=None):
     for task_name in args.tasks:
         task = TASKS[task_name]()
         results["tasks"][task_name] = evaluate_task(
-            task, args.optimizers, args.lrs, args.steps, args.seed
+            task, args.optimizers, args.lrs, args.steps, args.seed, args.schedule
         )
     results["iqm"] = summarize(results)
     results["wall_s"] = time.perf_counter() - start
