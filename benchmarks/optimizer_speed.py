@@ -85,6 +85,7 @@ except ImportError:  # running from a checkout that is not pip-installed
 import keras  # noqa: E402
 
 import keras_lopt  # noqa: E402
+from eval_tasks import TokenAndPositionEmbedding  # noqa: E402  (benchmarks/ is on sys.path)
 
 BACKEND = keras.backend.backend()
 if THREADS and BACKEND == "torch":
@@ -293,17 +294,6 @@ def format_step_table(rows):
 # --------------------------------------------------------------------------
 
 SEQ_LEN, BATCH, D_MODEL, LAYERS, HEADS = 128, 32, 128, 2, 4
-
-
-class TokenAndPositionEmbedding(keras.layers.Layer):
-    def __init__(self, vocab_size, seq_len, dim, **kwargs):
-        super().__init__(**kwargs)
-        self.token = keras.layers.Embedding(vocab_size, dim, name="token_embedding")
-        self.position = keras.layers.Embedding(seq_len, dim, name="position_embedding")
-
-    def call(self, tokens):
-        positions = keras.ops.arange(keras.ops.shape(tokens)[-1])
-        return self.token(tokens) + self.position(positions)
 
 
 def byte_lm():
