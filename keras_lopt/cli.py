@@ -24,8 +24,8 @@ def _parser():
     mt.add_argument("--iterations", type=int, required=True, help="outer iterations to reach")
     mt.add_argument("--seed", type=int, default=defaults.seed)
     mt.add_argument("--families", default=None,
-                    help="comma-separated task families (default: all of "
-                         "digits_mlp,mnist1d_mlp,teacher_mlp,digits_deep_mlp)")
+                    help="comma-separated task families (default: "
+                         + ",".join(defaults.families) + ")")
     mt.add_argument("--pairs-per-family", type=int, default=defaults.pairs_per_family)
     mt.add_argument("--truncation", type=int, default=defaults.truncation)
     mt.add_argument("--min-horizon", type=int, default=defaults.min_horizon)
@@ -33,6 +33,8 @@ def _parser():
     mt.add_argument("--sigma", type=float, default=defaults.sigma)
     mt.add_argument("--outer-lr", type=float, default=defaults.outer_lr)
     mt.add_argument("--outer-weight-decay", type=float, default=defaults.outer_weight_decay)
+    mt.add_argument("--init-weights", default="",
+                    help="start from these meta-weights (.npz or .state) instead of a random init")
     mt.add_argument("--checkpoint-every", type=int, default=100)
     mt.add_argument("--max-minutes", type=float, default=None,
                     help="checkpoint and stop after this many minutes (resume later)")
@@ -62,6 +64,7 @@ def main(argv=None):
         sigma=args.sigma,
         outer_lr=args.outer_lr,
         outer_weight_decay=args.outer_weight_decay,
+        init_weights=args.init_weights,
         **({"families": tuple(args.families.split(","))} if args.families else {}),
     )
     meta_train(

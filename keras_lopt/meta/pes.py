@@ -40,6 +40,10 @@ class MetaTrainConfig:
         min_scale, max_scale: range of the log-uniform reparametrisation
             scale `s` (the task optimises `L(s * w)` from `w0 / s`).
         families: names of the task families (`tasks.FAMILIES`).
+        init_weights: optional path of meta-weights (`.npz` or the
+            authors' `.state`) to start from instead of a random
+            initialisation, e.g. to continue from shipped weights with a
+            new task mix.
     """
 
     rule: str = "celo2"
@@ -58,7 +62,15 @@ class MetaTrainConfig:
     adam_lr_ratio: float = 20.0
     min_scale: float = 1e-3
     max_scale: float = 1e3
-    families: tuple = ("digits_mlp", "mnist1d_mlp", "teacher_mlp", "digits_deep_mlp")
+    families: tuple = (
+        "digits_mlp",
+        "mnist1d_mlp",
+        "teacher_mlp",
+        "mnist1d_conv",
+        "teacher_regression",
+        "raw_scale_binary",
+    )
+    init_weights: str = ""
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -87,7 +99,8 @@ class PESMetaTrainer:
         config: a `MetaTrainConfig`.
         families: list of `TaskFamily` objects; defaults to those named in
             `config.families`.
-        theta: initial meta-weights; defaults to `celo2_rule.init_theta(seed)`.
+        theta: initial meta-weights; defaults to `config.init_weights` when
+            set, else to `celo2_rule.init_theta(seed)`.
 
     Example:
 
@@ -109,6 +122,10 @@ class PESMetaTrainer:
             config = dataclasses.replace(config, families=tuple(f.name for f in families))
         self.config = config
         self.families = families
+        if theta is None and config.init_weights:
+            from keras_lopt.optimizers.checkpoints import load_theta
+
+            theta = load_theta(config.init_weights)
         self.theta0 = theta if theta is not None else celo2_rule.init_theta(config.seed)
         self.orthogonalize = config.rule == "celo2"
         devices = jax.devices()
