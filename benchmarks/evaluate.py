@@ -100,9 +100,18 @@ def register_optimizer(name, label, make, tuned=False):
 
 # The learned optimizers are untuned: `lr` is None, or a schedule that starts
 # at their default 1e-3 (`--schedule cosine`).
-register_optimizer("celo2", "Celo2", lambda lr: keras_lopt.optimizers.Celo2(lr or 1e-3))
+# `--celo2-weights` / `--celo2-base-weights` evaluate candidate meta-weights
+# instead of the shipped defaults.
+WEIGHTS = {"celo2": None, "celo2_base": None}
 register_optimizer(
-    "celo2_base", "Celo2Base", lambda lr: keras_lopt.optimizers.Celo2Base(lr or 1e-3)
+    "celo2",
+    "Celo2",
+    lambda lr: keras_lopt.optimizers.Celo2(lr or 1e-3, weights=WEIGHTS["celo2"]),
+)
+register_optimizer(
+    "celo2_base",
+    "Celo2Base",
+    lambda lr: keras_lopt.optimizers.Celo2Base(lr or 1e-3, weights=WEIGHTS["celo2_base"]),
 )
 register_optimizer(
     "adamw", "AdamW", lambda lr: keras.optimizers.AdamW(learning_rate=lr), tuned=True
@@ -431,6 +440,9 @@ def parse_args(argv):
     parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                         help="learning-rate schedule for every optimizer: constant, or "
                              "cosine decay to 0 over --steps from the (tuned or default) rate")
+    parser.add_argument("--celo2-weights", help="meta-weights file for Celo2 (default: shipped)")
+    parser.add_argument("--celo2-base-weights",
+                        help="meta-weights file for Celo2Base (default: shipped)")
     parser.add_argument("--quick", action="store_true", help="tiny budget for smoke tests")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
@@ -441,12 +453,15 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    WEIGHTS.update(celo2=args.celo2_weights, celo2_base=args.celo2_base_weights)
     start = time.perf_counter()
     results = {
         "config": {
             "backend": keras.backend.backend(), "steps": args.steps, "seed": args.seed,
             "lrs": list(args.lrs), "optimizers": args.optimizers, "reference": REFERENCE,
             "schedule": args.schedule,
+            "celo2_weights": args.celo2_weights or "shipped",
+            "celo2_base_weights": args.celo2_base_weights or "shipped",
             "smoothing_window": smoothing_window(args.steps),
             "python": platform.python_version(), "keras": keras.__version__,
         },
