@@ -13,3 +13,5 @@ from keras_lopt.layers.feature_maps import IdentityFeatureMap
 from keras_lopt.layers.feature_maps import ReluFeatureMap
 from keras_lopt.layers.feature_maps import get_feature_map
 from keras_lopt.layers.linear_attention import LinearAttention
+from keras_lopt.layers.mamba import Mamba
+from keras_lopt.layers.mamba import Mamba2
