@@ -397,6 +397,9 @@ class Mamba(_SelectiveSSMBase):
         gate: multiply by `silu(z)` before `out_proj`.
         chunk_size: positions per chunk of the training scan (memory holds
             `(batch, chunk_size, d_inner, d_state)` at a time).
+        within_chunk: `"associative"` (a parallel scan inside each chunk, for
+            GPUs/TPUs) or `"sequential"` (a step-by-step scan inside each
+            chunk: 2-3x faster on a CPU, same numbers).
         max_length: optional maximum sequence length accepted by
             `call`/`prefill` (not tracked by `step`).
         seed: optional int for reproducible initialisation.
@@ -413,7 +416,12 @@ class Mamba(_SelectiveSSMBase):
     def __init__(self, d_model=None, d_state=16, d_conv=4, expand=2, dt_rank="auto",
                  dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, use_bias=False, conv_bias=True,
                  conv_init="default", gate=True, chunk_size=64, max_length=None, seed=None,
-                 **kwargs):
+                 within_chunk="associative", **kwargs):
+        if within_chunk not in ("associative", "sequential"):
+            raise ValueError(
+                f'within_chunk must be "associative" or "sequential"; received {within_chunk!r}.'
+            )
+        self.within_chunk = within_chunk
         if not (dt_rank == "auto" or (isinstance(dt_rank, int) and dt_rank >= 1)):
             raise ValueError(f'dt_rank must be "auto" or a positive integer; received {dt_rank!r}.')
         super().__init__(d_model, d_state, d_conv, expand, dt_min, dt_max, dt_init_floor,
@@ -486,7 +494,8 @@ class Mamba(_SelectiveSSMBase):
         if mask is not None:
             delta = ops.where(mask[..., None], delta, 0.0)
         y, state = scan.chunked_selective_scan(
-            x, delta, -ops.exp(self.A_log), b, c, chunk_size=self.chunk_size)
+            x, delta, -ops.exp(self.A_log), b, c, chunk_size=self.chunk_size,
+            within_chunk=self.within_chunk)
         outputs = self._finish(y + self.D * x, z, mask)
         if not want_cache:
             return outputs, None
@@ -506,6 +515,7 @@ class Mamba(_SelectiveSSMBase):
     def get_config(self):
         config = super().get_config()
         config["dt_rank"] = self.dt_rank_arg
+        config["within_chunk"] = self.within_chunk
         return config
 
 

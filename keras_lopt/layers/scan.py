@@ -139,15 +139,18 @@ def _combine(left, right):
     return a_l * a_r, a_r * b_l + b_r
 
 
-def chunked_selective_scan(x, delta, a, b, c, chunk_size=64, initial_state=None):
+def chunked_selective_scan(x, delta, a, b, c, chunk_size=64, initial_state=None,
+                           within_chunk="associative"):
     """Mamba-1's selective scan in chunks.
 
     Per channel `d` and state index `n`:
     `h_t = exp(delta_t A) * h_{t-1} + delta_t B_t x_t`, `y_t = C_t . h_t`.
     Chunks are processed one after another (`keras.ops.scan`); inside a chunk
-    an associative scan runs over time. Only one chunk's
-    `(batch, chunk, d_inner, d_state)` tensors exist at a time, and on JAX
-    the chunk is recomputed in the backward pass instead of stored.
+    an associative scan runs over time (or, with `within_chunk="sequential"`,
+    a step-by-step scan: on a CPU, where the state stays in cache, that is
+    ~2-3x faster). Only one chunk's `(batch, chunk, d_inner, d_state)`
+    tensors exist at a time, and on JAX the chunk is recomputed in the
+    backward pass instead of stored.
 
     Args:
         x, delta: `(batch, length, d_inner)`.
@@ -155,11 +158,17 @@ def chunked_selective_scan(x, delta, a, b, c, chunk_size=64, initial_state=None)
         b, c: `(batch, length, d_state)`.
         chunk_size: positions per chunk.
         initial_state: optional `(batch, d_inner, d_state)`.
+        within_chunk: `"associative"` (parallel over time, for accelerators)
+            or `"sequential"`.
 
     Returns:
         `(y (batch, length, d_inner), final_state (batch, d_inner, d_state))`,
         float32 (without Mamba's `D x` skip term).
     """
+    if within_chunk not in ("associative", "sequential"):
+        raise ValueError(
+            f'within_chunk must be "associative" or "sequential"; received {within_chunk!r}.'
+        )
     x, delta, a, b, c = (ops.cast(t, "float32") for t in (x, delta, a, b, c))
     length, d_inner = x.shape[1], x.shape[2]
     d_state = a.shape[-1]
@@ -178,6 +187,9 @@ def chunked_selective_scan(x, delta, a, b, c, chunk_size=64, initial_state=None)
 
     def one_chunk(h, inputs):
         xc, dc, bc, cc = inputs
+        if within_chunk == "sequential":
+            y, h = sequential_selective_scan(xc, dc, a, bc, cc, h)
+            return h, y
         decay = ops.exp(dc[..., None] * a)  # (batch, chunk, d_inner, d_state)
         drive = (dc * xc)[..., None] * bc[:, :, None, :]
         decay, drive = ops.associative_scan(_combine, (decay, drive), axis=1)

@@ -149,6 +149,7 @@ CASES = [
     (Mamba, {}, 1),
     (Mamba, {}, LENGTH),
     (Mamba, dict(use_bias=True, dt_rank=3), LENGTH),
+    (Mamba, dict(within_chunk="sequential"), LENGTH),
     (Mamba2, {}, 1),
     (Mamba2, {}, LENGTH),
     (Mamba2, dict(num_groups=2, use_bias=True, conv_bias=False), LENGTH),

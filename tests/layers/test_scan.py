@@ -60,9 +60,11 @@ def test_chunked_selective_scan_matches_numpy_and_sequential(length, chunk):
     h0 = rng.standard_normal((2, 6, 4))
     want, want_state = numpy_selective_scan(x, delta, a, b, c, h0)
     args = [t.astype("float32") for t in (x, delta, a, b, c)]
-    y, state = scan.chunked_selective_scan(*args, chunk, h0.astype("float32"))
-    np.testing.assert_allclose(np_(y), want, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np_(state), want_state, atol=1e-5, rtol=1e-5)
+    for within_chunk in ("associative", "sequential"):
+        y, state = scan.chunked_selective_scan(*args, chunk, h0.astype("float32"),
+                                               within_chunk=within_chunk)
+        np.testing.assert_allclose(np_(y), want, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np_(state), want_state, atol=1e-5, rtol=1e-5)
     y_seq, _ = scan.sequential_selective_scan(*args, h0.astype("float32"))
     np.testing.assert_allclose(np_(y_seq), want, atol=1e-5, rtol=1e-5)
 
@@ -80,7 +82,11 @@ def test_causal_depthwise_conv_continues_from_cache():
     np.testing.assert_allclose(np_(tail), want[:, 5:], atol=1e-5)
 
 
-def test_bad_chunk_size():
+def test_bad_chunk_size_and_mode():
+    with pytest.raises(ValueError, match="within_chunk"):
+        scan.chunked_selective_scan(*(np.zeros((1, 2, 1), "float32"),) * 2,
+                                    np.zeros((1, 1), "float32"),
+                                    *(np.zeros((1, 2, 1), "float32"),) * 2, within_chunk="fast")
     with pytest.raises(ValueError, match="chunk_size"):
         scan.chunked_decay_attention(np.zeros((1, 2, 1, 1)), np.zeros((1, 2, 1, 1)),
                                      np.zeros((1, 2, 1, 1)), chunk_size=0)
