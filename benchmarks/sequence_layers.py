@@ -164,27 +164,12 @@ def bench_scan(length, repeats, chunk_size=64):
     return rows
 
 
-def _compiled_step(model):
-    if BACKEND != "jax":
-        return model.step
-    import jax
-
-    variables = model.trainable_variables + model.non_trainable_variables
-
-    def fn(values, token, caches):
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            return model.step(token, caches)
-
-    jitted = jax.jit(fn)
-    values = [v.value for v in variables]
-    return lambda token, caches: jitted(values, token, caches)
-
-
 def bench_generate(contexts, new_tokens):
     from keras_lopt.models import LinearAttentionLM
     from keras_lopt.models import Mamba2LM
     from keras_lopt.models import MambaLM
     from keras_lopt.models import TransformerLM
+    from keras_lopt.models._backend import compile_step
 
     makers = {
         "transformer (KV cache)": lambda: TransformerLM(
@@ -198,7 +183,7 @@ def bench_generate(contexts, new_tokens):
     for name, make in makers.items():
         keras.utils.set_random_seed(0)
         model = make()
-        step = _compiled_step(model)
+        step = compile_step(model)
         row = {"model": name}
         for context in contexts:
             prompt = np.random.default_rng(0).integers(0, 256, (1, context)).astype("int32")

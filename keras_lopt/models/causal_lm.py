@@ -13,6 +13,8 @@ import keras
 from keras import ops
 from keras.saving import register_keras_serializable
 
+from keras_lopt.models import _backend
+
 MIXERS = ("attention", "linear_attention", "mamba", "mamba2")
 
 
@@ -163,6 +165,7 @@ class CausalLM(keras.Model):
         self.lm_head = None if tie_embeddings else keras.layers.Dense(
             vocab_size, use_bias=False, name="lm_head"
         )
+        self._compiled_step = None
 
     def build(self, input_shape=None):
         self.token_embedding.build((None, None))
@@ -245,6 +248,8 @@ class CausalLM(keras.Model):
             raise ValueError(f"prompt must be (batch, length); received {prompt.shape}.")
         length = prompt.shape[1]
         logits, caches = self.prefill(prompt, padding_mask, max_length=length + max_new_tokens)
+        if self._compiled_step is None:
+            self._compiled_step = _backend.compile_step(self)
         generator = keras.random.SeedGenerator(seed) if temperature > 0 else None
         tokens = [ops.convert_to_numpy(prompt)]
         last = logits[:, -1]
@@ -258,7 +263,7 @@ class CausalLM(keras.Model):
             token = ops.cast(token, "int32")
             tokens.append(ops.convert_to_numpy(token)[:, None])
             if i + 1 < max_new_tokens:
-                last, caches = self.step(token, caches)
+                last, caches = self._compiled_step(token, caches)
         return np.concatenate(tokens, axis=1).astype("int32")
 
     def get_config(self):
