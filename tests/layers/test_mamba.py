@@ -413,3 +413,182 @@ def test_step_builds_from_d_model_and_matches_call():
     u = inputs(1)
     out, _ = layer.step(u[:, 0], layer.init_cache(BATCH))
     np.testing.assert_allclose(np_(out), np_(layer(u))[:, 0], **TOL)
+
+
+# -- Mamba2 options for reproducing linear attention --------------------------
+
+
+def np_rotary(x, positions, max_wavelength):
+    half = x.shape[-1] // 2
+    inv_freq = max_wavelength ** (-np.arange(half) * 2.0 / x.shape[-1])
+    angles = positions[:, :, None, None] * inv_freq
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = np.cos(angles), np.sin(angles)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def np_feature_map(name, layer, x):
+    if name is None or name == "identity":
+        return x
+    if name == "elu":
+        return np.where(x > 0, x + 1.0, np.exp(x))
+    if name == "relu":
+        return np.maximum(x, 0.0)
+    assert name == "hedgehog"
+    xw = np.einsum("blgd,gdf->blgf", x, np_(layer.kernel))
+    logits = np.concatenate([xw, -xw], axis=-1)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def numpy_mamba2_options(layer, u, mask=None):
+    """`numpy_mamba2` with conv_activation, bc_feature_map, rotary, norm_per_head."""
+    w, di, n, bc = weights(layer), layer.d_inner, layer.d_state, layer.bc_dim
+    heads, p, groups = layer.num_heads, layer.head_dim, layer.num_groups
+    batch, length = u.shape[:2]
+    mask = np.ones((batch, length)) if mask is None else mask.astype("float64")
+    proj = np_dense(u.astype("float64"), w, "in_proj")
+    z, xbc, dt = proj[..., :di], proj[..., di:-heads], proj[..., -heads:]
+    xbc = np_conv(xbc * mask[..., None], w["conv_kernel"], w.get("conv_bias"))
+    if layer.conv_activation == "silu":
+        xbc = silu(xbc)
+    x = xbc[..., :di].reshape(batch, length, heads, p)
+    b = xbc[..., di:di + groups * bc].reshape(batch, length, groups, bc)
+    c = xbc[..., di + groups * bc:].reshape(batch, length, groups, bc)
+    if layer.rotary:
+        positions = np.cumsum(mask, axis=1) - 1.0
+        b = np_rotary(b, positions, layer.rotary_max_wavelength)
+        c = np_rotary(c, positions, layer.rotary_max_wavelength)
+    b = np_feature_map(layer.bc_feature_map, layer.b_feature_map, b)
+    c = np_feature_map(layer.bc_feature_map, layer.c_feature_map, c)
+    group_of = np.arange(heads) // (heads // groups)
+    b, c = b[:, :, group_of], c[:, :, group_of]
+    dt = softplus(dt + w["dt_bias"]) * mask[..., None]
+    a = -np.exp(w["A_log"])
+    state = np.zeros((batch, heads, n, p))
+    y = np.zeros(x.shape)
+    for t in range(length):
+        state = np.exp(dt[:, t] * a)[..., None, None] * state
+        state = state + b[:, t, :, :, None] * (dt[:, t, :, None] * x[:, t])[:, :, None, :]
+        y[:, t] = np.einsum("bhn,bhnp->bhp", c[:, t], state)
+    y = (y + w["D"][:, None] * x).reshape(batch, length, di)
+    if layer.gate:
+        y = y * silu(z)
+    shape = (batch, length, heads, p) if layer.norm_per_head else y.shape
+    y = y.reshape(shape)
+    y = y / np.sqrt(np.mean(y**2, axis=-1, keepdims=True) + layer.norm_epsilon)
+    y = y.reshape(batch, length, di) * w["norm_scale"]
+    return np_dense(y, w, "out_proj") * mask[..., None]
+
+
+def make_options(**kwargs):
+    layer = make(Mamba2, **kwargs)
+    rng = np.random.default_rng(5)
+    for feature_map in {id(m): m for m in (layer.b_feature_map, layer.c_feature_map)
+                        if m is not None and m.weights}.values():
+        # Identity plus noise: a Hedgehog map away from its initialisation.
+        kernel = np_(feature_map.kernel)
+        feature_map.kernel.assign(
+            (np.eye(kernel.shape[1], kernel.shape[2]) + 0.3 * rng.standard_normal(kernel.shape))
+            .astype("float32"))
+    return layer
+
+
+HEDGEHOG = dict(bc_feature_map="hedgehog", bc_dim=2, d_state=4)
+OPTION_CASES = [
+    dict(conv_activation=None, norm_per_head=True, norm_epsilon=1e-3),
+    dict(HEDGEHOG, num_groups=2, rotary=True, conv_activation=None, norm_per_head=True,
+         gate=False),
+    dict(bc_feature_map="elu", rotary=True, rotary_max_wavelength=100.0, use_bias=True),
+    dict(bc_feature_map="relu", num_groups=2, bc_dim=4),
+]
+
+
+@pytest.mark.parametrize("kwargs", OPTION_CASES)
+def test_mamba2_options_call_matches_numpy_and_steps(kwargs):
+    layer = make_options(**kwargs)
+    u = inputs()
+    want = numpy_mamba2_options(layer, u)
+    np.testing.assert_allclose(np_(layer(u)), want, **TOL)
+    stepped, _ = step_all(layer, u)
+    np.testing.assert_allclose(stepped, want, **TOL)
+
+
+def test_mamba2_options_padded_prefill_then_step():
+    """Left padding (row 0) and right padding (row 1) with rotary + Hedgehog."""
+    layer = make_options(**OPTION_CASES[1])
+    u = inputs()
+    mask = np.ones((BATCH, LENGTH), bool)
+    mask[0, :3] = False
+    mask[1, 7:] = False
+    junk = np.where(mask[..., None], u, 7.0).astype("float32")
+    out, cache = layer.prefill(junk, padding_mask=mask)
+    np.testing.assert_array_equal(np_(cache["position"]), mask.sum(1))
+    np.testing.assert_allclose(np_(out), numpy_mamba2_options(layer, u, mask), **TOL)
+    nxt = inputs(2, seed=9)
+    cont, cache = step_all(layer, nxt, cache)
+    np.testing.assert_array_equal(np_(cache["position"]), mask.sum(1) + 2)
+    for row in range(BATCH):
+        whole = np.concatenate([u[row, mask[row]], nxt[row]])[None]
+        want = numpy_mamba2_options(layer, whole)[0]
+        np.testing.assert_allclose(cont[row], want[int(mask[row].sum()):], **TOL)
+
+
+def test_mamba2_options_config_round_trip_and_save(tmp_path):
+    from keras_lopt.layers.feature_maps import HedgehogFeatureMap
+
+    shared = HedgehogFeatureMap(feature_dim=2, name="shared_map")  # a layer: B, C share it
+    for kwargs in (OPTION_CASES[1], dict(bc_feature_map=shared, bc_dim=4, d_state=4)):
+        layer = make_options(**kwargs)
+        config = layer.get_config()
+        clone = Mamba2.from_config(config)
+        assert clone.get_config() == config
+        clone.build((None, None, 8))
+        clone.set_weights(layer.get_weights())
+        u = inputs()
+        np.testing.assert_allclose(np_(clone(u)), np_(layer(u)), **TOL)
+    assert layer.b_feature_map is layer.c_feature_map
+    assert layer.get_config()["bc_feature_map"]["class_name"] == "HedgehogFeatureMap"
+    model = keras.Sequential([keras.Input((LENGTH, 8)), make_options(**OPTION_CASES[1])])
+    path = str(tmp_path / "mamba2_options.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(np_(loaded(u)), np_(model(u)), rtol=1e-6, atol=1e-6)
+
+
+def test_mamba2_defaults_are_unchanged():
+    layer = make(Mamba2)
+    config = layer.get_config()
+    assert (config["conv_activation"], config["bc_feature_map"], config["bc_dim"],
+            config["rotary"], config["norm_per_head"], config["norm_epsilon"]) == (
+        "silu", None, None, False, False, 1e-5)
+    assert layer.b_feature_map is None and layer.bc_dim == layer.d_state
+    assert set(layer.init_cache(1)) == {"conv", "ssm"}
+    assert set(layer.prefill(inputs())[1]) == {"conv", "ssm"}
+    old = {k: v for k, v in config.items()  # a config saved before the options existed
+           if k not in ("conv_activation", "bc_feature_map", "bc_dim", "rotary",
+                        "rotary_max_wavelength", "norm_per_head", "norm_epsilon")}
+    assert Mamba2.from_config(old).get_config() == config
+
+
+def test_mamba2_option_errors():
+    with pytest.raises(ValueError, match="conv_activation"):
+        Mamba2(conv_activation="relu")
+    with pytest.raises(ValueError, match="bc_dim=2 differs from d_state=4"):
+        Mamba2(d_state=4, bc_dim=2)
+    with pytest.raises(ValueError, match="maps bc_dim=4 to 8 features but d_state=4"):
+        Mamba2(d_state=4, bc_feature_map="hedgehog")
+    with pytest.raises(ValueError, match="even bc_dim"):
+        Mamba2(d_state=6, bc_dim=3, bc_feature_map="hedgehog", rotary=True)
+    with pytest.raises(ValueError, match="Unknown feature map"):
+        Mamba2(bc_feature_map="softmax")
+    from keras_lopt.layers.feature_maps import HedgehogFeatureMap
+
+    layer = Mamba2(d_model=8, d_state=4, head_dim=4, bc_feature_map=HedgehogFeatureMap())
+    with pytest.raises(ValueError, match="to 8 features but d_state=4"):
+        layer.build((None, None, 8))
+    layer = make(Mamba2, rotary=True)
+    cache = layer.init_cache(BATCH)
+    del cache["position"]
+    with pytest.raises(ValueError, match="position"):
+        layer.step(inputs(1)[:, 0], cache)
