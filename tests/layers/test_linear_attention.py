@@ -8,6 +8,7 @@ from keras import ops
 from keras_lopt.layers.feature_maps import HedgehogFeatureMap
 from keras_lopt.layers.feature_maps import get_feature_map
 from keras_lopt.layers.linear_attention import LinearAttention
+from tests.layers.reference import numpy_rotary
 
 D_MODEL = 12
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -39,15 +40,6 @@ def numpy_phi(layer, feature_map, x):
     logits = np.concatenate([xw, -xw], axis=-1)
     e = np.exp(logits - logits.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
-
-
-def numpy_rotary(x, positions, max_wavelength):
-    half = x.shape[-1] // 2
-    inv_freq = max_wavelength ** (-np.arange(half) * 2.0 / x.shape[-1])
-    angles = positions[:, :, None, None] * inv_freq
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = np.cos(angles), np.sin(angles)
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def numpy_linear_attention(layer, x, mask=None):

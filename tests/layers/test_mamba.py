@@ -9,6 +9,7 @@ import pytest
 from keras import ops
 
 from keras_lopt.layers.mamba import Mamba, Mamba2
+from tests.layers.reference import numpy_rotary
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -65,18 +66,41 @@ def numpy_mamba(layer, u, mask=None):
     return np_dense(y, w, "out_proj") * mask[..., None]
 
 
+def np_feature_map(name, layer, x):
+    if name is None or name == "identity":
+        return x
+    if name == "elu":
+        return np.where(x > 0, x + 1.0, np.exp(x))
+    if name == "relu":
+        return np.maximum(x, 0.0)
+    assert name == "hedgehog"
+    xw = np.einsum("blgd,gdf->blgf", x, np_(layer.kernel))
+    logits = np.concatenate([xw, -xw], axis=-1)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def numpy_mamba2(layer, u, mask=None):
-    """Mamba-2 (SSD) recomputed from the layer's weights, one time step at a time."""
-    w, di, n = weights(layer), layer.d_inner, layer.d_state
+    """Mamba-2 (SSD) recomputed from the layer's weights, one time step at a time,
+    including the options conv_activation, bc_feature_map, rotary, norm_per_head."""
+    w, di, n, bc = weights(layer), layer.d_inner, layer.d_state, layer.bc_dim
     heads, p, groups = layer.num_heads, layer.head_dim, layer.num_groups
     batch, length = u.shape[:2]
     mask = np.ones((batch, length)) if mask is None else mask.astype("float64")
     proj = np_dense(u.astype("float64"), w, "in_proj")
-    z, xbc, dt = proj[..., :di], proj[..., di : -heads], proj[..., -heads:]
-    xbc = silu(np_conv(xbc * mask[..., None], w["conv_kernel"], w.get("conv_bias")))
+    z, xbc, dt = proj[..., :di], proj[..., di:-heads], proj[..., -heads:]
+    xbc = np_conv(xbc * mask[..., None], w["conv_kernel"], w.get("conv_bias"))
+    if layer.conv_activation == "silu":
+        xbc = silu(xbc)
     x = xbc[..., :di].reshape(batch, length, heads, p)
-    b = xbc[..., di : di + groups * n].reshape(batch, length, groups, n)
-    c = xbc[..., di + groups * n :].reshape(batch, length, groups, n)
+    b = xbc[..., di:di + groups * bc].reshape(batch, length, groups, bc)
+    c = xbc[..., di + groups * bc:].reshape(batch, length, groups, bc)
+    if layer.rotary:
+        positions = np.cumsum(mask, axis=1) - 1.0
+        b = numpy_rotary(b, positions, layer.rotary_max_wavelength)
+        c = numpy_rotary(c, positions, layer.rotary_max_wavelength)
+    b = np_feature_map(layer.bc_feature_map, layer.b_feature_map, b)
+    c = np_feature_map(layer.bc_feature_map, layer.c_feature_map, c)
     group_of = np.arange(heads) // (heads // groups)
     b, c = b[:, :, group_of], c[:, :, group_of]
     dt = softplus(dt + w["dt_bias"]) * mask[..., None]
@@ -90,7 +114,10 @@ def numpy_mamba2(layer, u, mask=None):
     y = (y + w["D"][:, None] * x).reshape(batch, length, di)
     if layer.gate:
         y = y * silu(z)
-    y = y / np.sqrt(np.mean(y**2, axis=-1, keepdims=True) + 1e-5) * w["norm_scale"]
+    shape = (batch, length, heads, p) if layer.norm_per_head else y.shape
+    y = y.reshape(shape)
+    y = y / np.sqrt(np.mean(y**2, axis=-1, keepdims=True) + layer.norm_epsilon)
+    y = y.reshape(batch, length, di) * w["norm_scale"]
     return np_dense(y, w, "out_proj") * mask[..., None]
 
 
@@ -418,69 +445,6 @@ def test_step_builds_from_d_model_and_matches_call():
 # -- Mamba2 options for reproducing linear attention --------------------------
 
 
-def np_rotary(x, positions, max_wavelength):
-    half = x.shape[-1] // 2
-    inv_freq = max_wavelength ** (-np.arange(half) * 2.0 / x.shape[-1])
-    angles = positions[:, :, None, None] * inv_freq
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = np.cos(angles), np.sin(angles)
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def np_feature_map(name, layer, x):
-    if name is None or name == "identity":
-        return x
-    if name == "elu":
-        return np.where(x > 0, x + 1.0, np.exp(x))
-    if name == "relu":
-        return np.maximum(x, 0.0)
-    assert name == "hedgehog"
-    xw = np.einsum("blgd,gdf->blgf", x, np_(layer.kernel))
-    logits = np.concatenate([xw, -xw], axis=-1)
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def numpy_mamba2_options(layer, u, mask=None):
-    """`numpy_mamba2` with conv_activation, bc_feature_map, rotary, norm_per_head."""
-    w, di, n, bc = weights(layer), layer.d_inner, layer.d_state, layer.bc_dim
-    heads, p, groups = layer.num_heads, layer.head_dim, layer.num_groups
-    batch, length = u.shape[:2]
-    mask = np.ones((batch, length)) if mask is None else mask.astype("float64")
-    proj = np_dense(u.astype("float64"), w, "in_proj")
-    z, xbc, dt = proj[..., :di], proj[..., di:-heads], proj[..., -heads:]
-    xbc = np_conv(xbc * mask[..., None], w["conv_kernel"], w.get("conv_bias"))
-    if layer.conv_activation == "silu":
-        xbc = silu(xbc)
-    x = xbc[..., :di].reshape(batch, length, heads, p)
-    b = xbc[..., di:di + groups * bc].reshape(batch, length, groups, bc)
-    c = xbc[..., di + groups * bc:].reshape(batch, length, groups, bc)
-    if layer.rotary:
-        positions = np.cumsum(mask, axis=1) - 1.0
-        b = np_rotary(b, positions, layer.rotary_max_wavelength)
-        c = np_rotary(c, positions, layer.rotary_max_wavelength)
-    b = np_feature_map(layer.bc_feature_map, layer.b_feature_map, b)
-    c = np_feature_map(layer.bc_feature_map, layer.c_feature_map, c)
-    group_of = np.arange(heads) // (heads // groups)
-    b, c = b[:, :, group_of], c[:, :, group_of]
-    dt = softplus(dt + w["dt_bias"]) * mask[..., None]
-    a = -np.exp(w["A_log"])
-    state = np.zeros((batch, heads, n, p))
-    y = np.zeros(x.shape)
-    for t in range(length):
-        state = np.exp(dt[:, t] * a)[..., None, None] * state
-        state = state + b[:, t, :, :, None] * (dt[:, t, :, None] * x[:, t])[:, :, None, :]
-        y[:, t] = np.einsum("bhn,bhnp->bhp", c[:, t], state)
-    y = (y + w["D"][:, None] * x).reshape(batch, length, di)
-    if layer.gate:
-        y = y * silu(z)
-    shape = (batch, length, heads, p) if layer.norm_per_head else y.shape
-    y = y.reshape(shape)
-    y = y / np.sqrt(np.mean(y**2, axis=-1, keepdims=True) + layer.norm_epsilon)
-    y = y.reshape(batch, length, di) * w["norm_scale"]
-    return np_dense(y, w, "out_proj") * mask[..., None]
-
-
 def make_options(**kwargs):
     layer = make(Mamba2, **kwargs)
     rng = np.random.default_rng(5)
@@ -508,7 +472,7 @@ OPTION_CASES = [
 def test_mamba2_options_call_matches_numpy_and_steps(kwargs):
     layer = make_options(**kwargs)
     u = inputs()
-    want = numpy_mamba2_options(layer, u)
+    want = numpy_mamba2(layer, u)
     np.testing.assert_allclose(np_(layer(u)), want, **TOL)
     stepped, _ = step_all(layer, u)
     np.testing.assert_allclose(stepped, want, **TOL)
@@ -524,13 +488,13 @@ def test_mamba2_options_padded_prefill_then_step():
     junk = np.where(mask[..., None], u, 7.0).astype("float32")
     out, cache = layer.prefill(junk, padding_mask=mask)
     np.testing.assert_array_equal(np_(cache["position"]), mask.sum(1))
-    np.testing.assert_allclose(np_(out), numpy_mamba2_options(layer, u, mask), **TOL)
+    np.testing.assert_allclose(np_(out), numpy_mamba2(layer, u, mask), **TOL)
     nxt = inputs(2, seed=9)
     cont, cache = step_all(layer, nxt, cache)
     np.testing.assert_array_equal(np_(cache["position"]), mask.sum(1) + 2)
     for row in range(BATCH):
         whole = np.concatenate([u[row, mask[row]], nxt[row]])[None]
-        want = numpy_mamba2_options(layer, whole)[0]
+        want = numpy_mamba2(layer, whole)[0]
         np.testing.assert_allclose(cont[row], want[int(mask[row].sum()):], **TOL)
 
 
