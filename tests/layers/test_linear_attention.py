@@ -8,6 +8,7 @@ from keras import ops
 from keras_lopt.layers.feature_maps import HedgehogFeatureMap
 from keras_lopt.layers.feature_maps import get_feature_map
 from keras_lopt.layers.linear_attention import LinearAttention
+from tests.layers.reference import numpy_feature_map
 from tests.layers.reference import numpy_rotary
 
 D_MODEL = 12
@@ -28,18 +29,8 @@ def compiled(fn):
 
 
 def numpy_phi(layer, feature_map, x):
-    name = layer.feature_map
-    if name == "elu":
-        return np.where(x > 0, x + 1.0, np.exp(x))
-    if name == "relu":
-        return np.maximum(x, 0.0)
-    if name == "identity":
-        return x
-    assert name == "hedgehog"
-    xw = np.einsum("blhd,hdf->blhf", x, np_(feature_map.kernel))
-    logits = np.concatenate([xw, -xw], axis=-1)
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+    kernel = np_(feature_map.kernel) if layer.feature_map == "hedgehog" else None
+    return numpy_feature_map(layer.feature_map, x, kernel)
 
 
 def numpy_linear_attention(layer, x, mask=None):

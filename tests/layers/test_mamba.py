@@ -9,6 +9,7 @@ import pytest
 from keras import ops
 
 from keras_lopt.layers.mamba import Mamba, Mamba2
+from tests.layers.reference import numpy_feature_map
 from tests.layers.reference import numpy_rotary
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -67,17 +68,8 @@ def numpy_mamba(layer, u, mask=None):
 
 
 def np_feature_map(name, layer, x):
-    if name is None or name == "identity":
-        return x
-    if name == "elu":
-        return np.where(x > 0, x + 1.0, np.exp(x))
-    if name == "relu":
-        return np.maximum(x, 0.0)
-    assert name == "hedgehog"
-    xw = np.einsum("blgd,gdf->blgf", x, np_(layer.kernel))
-    logits = np.concatenate([xw, -xw], axis=-1)
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+    kernel = np_(layer.kernel) if name == "hedgehog" else None
+    return numpy_feature_map(name, x, kernel)
 
 
 def numpy_mamba2(layer, u, mask=None):
