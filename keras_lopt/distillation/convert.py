@@ -149,6 +149,16 @@ def linear_attention_config(attention, feature_map="hedgehog", normalization="no
     )
 
 
+def _rebuild(model, lm_class, mixer_config, copy_mixer):
+    """A new `lm_class` model with `model`'s non-mixer weights and converted mixers."""
+    target = lm_class(mixer_config=mixer_config, **_lm_kwargs(model))
+    target.build()
+    _copy_everything_but_the_mixers(model, target)
+    for src, dst in zip(model.blocks, target.blocks):
+        copy_mixer(src.mixer, dst.mixer)
+    return target
+
+
 def copy_attention_to_linear_attention(attention, linear_attention):
     """Copies Q/K/V/O kernels (and biases) of softmax attention into linear attention.
 
@@ -211,12 +221,7 @@ def to_linear_attention(model, feature_map="hedgehog", normalization="norm", chu
     _check_lm(model, "attention", "to_linear_attention")
     config = linear_attention_config(model.blocks[0].mixer, feature_map, normalization,
                                      chunk_size)
-    student = LinearAttentionLM(mixer_config=config, **_lm_kwargs(model))
-    student.build()
-    _copy_everything_but_the_mixers(model, student)
-    for src, dst in zip(model.blocks, student.blocks):
-        copy_attention_to_linear_attention(src.mixer, dst.mixer)
-    return student
+    return _rebuild(model, LinearAttentionLM, config, copy_attention_to_linear_attention)
 
 
 # --------------------------------------------------- stage 2: linear -> SSM
@@ -389,9 +394,4 @@ def to_mamba2(model, d_conv=4, chunk_size=None):
     for block in model.blocks:
         _check_convertible(block.mixer)
     config = mamba2_config(model.blocks[0].mixer, d_conv, chunk_size)
-    ssm = Mamba2LM(mixer_config=config, **_lm_kwargs(model))
-    ssm.build()
-    _copy_everything_but_the_mixers(model, ssm)
-    for src, dst in zip(model.blocks, ssm.blocks):
-        copy_linear_attention_to_mamba2(src.mixer, dst.mixer)
-    return ssm
+    return _rebuild(model, Mamba2LM, config, copy_linear_attention_to_mamba2)
