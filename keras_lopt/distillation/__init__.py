@@ -1,8 +1,14 @@
 """Cross-architecture distillation: Transformer -> linear attention -> Mamba-2.
 
-`to_linear_attention` (stage 1) and `to_mamba2` (stage 2) build the student
-models by copying the teacher's weights; see `keras_lopt.distillation.convert`.
+`Distiller` runs the two stages; `to_linear_attention` (stage 1) and
+`to_mamba2` (stage 2) are the model surgery it uses (see
+`keras_lopt.distillation.convert`); the losses are
+`keras.distillation.DistillationLoss` subclasses.
 """
 
 from keras_lopt.distillation.convert import to_linear_attention
 from keras_lopt.distillation.convert import to_mamba2
+from keras_lopt.distillation.distiller import STAGES
+from keras_lopt.distillation.distiller import Distiller
+from keras_lopt.distillation.losses import AttentionTransferLoss
+from keras_lopt.distillation.losses import TokenKLDivergence

@@ -21,14 +21,18 @@ and `step`, with or without padding: per layer, with `H` heads,
 - `bc_feature_map` = the same feature map, with `B`'s copied from the key
   map and `C`'s from the query map; rotary on `B`/`C` when the source has it;
 - `conv_init="identity"` and `conv_activation=None` (the conv passes the
-  projections through), `gate=False`, `D = 0`;
+  projections through), `D = 0`;
+- no gate (`gate=False`), or with `gate=True` a trainable gate that starts
+  neutral: zero `z` columns and a `z` bias `c` with `silu(c) = 1` (this
+  needs `in_proj` biases, so the student gets `use_bias=True`; the biases
+  the source lacks are zero);
 - `dt_bias = log(e - 1)` so that `dt = softplus(0 + dt_bias) = 1`, and
   `A_log = -30` (decay `exp(-e^-30) = 1` to float32 precision) or, for a
   source with `decay=True`, `A_log = log(softplus(-decay_logit))` so that
   `exp(dt * A) = sigmoid(decay_logit)`, the source's decay.
 
-Training can then switch on what Mamba adds (rebuild from the config with
-`gate=True`, `conv_activation="silu"`, and copy the weights).
+Stage-2 training then releases what Mamba adds: the conv kernels (identity
+at the start) and, with `gate=True`, the gate train with everything else.
 """
 
 import math
@@ -46,6 +50,9 @@ from keras_lopt.models.causal_lm import Mamba2LM
 NO_DECAY_A_LOG = -30.0
 # softplus(log(e - 1)) = 1: with zero dt columns every step size is 1.
 UNIT_DT_BIAS = math.log(math.e - 1.0)
+# silu(c) = c * sigmoid(c) = 1: with zero z columns and this z bias the gate
+# multiplies by exactly 1 while staying trainable.
+UNIT_GATE_BIAS = 1.278464542761074
 
 
 # ----------------------------------------------------------------- helpers
@@ -256,7 +263,7 @@ def _expand(inner, d_model):
     return expand if int(expand * d_model) == inner else (inner + 0.5) / d_model
 
 
-def mamba2_config(linear_attention, d_conv=4, chunk_size=None):
+def mamba2_config(linear_attention, d_conv=4, chunk_size=None, gate=False):
     """`Mamba2` arguments that reproduce a `LinearAttention(normalization="norm")` layer.
 
     Args:
@@ -264,6 +271,7 @@ def mamba2_config(linear_attention, d_conv=4, chunk_size=None):
             `normalization="norm"`.
         d_conv: the (identity-initialised) conv width, for later training.
         chunk_size: Mamba2's chunk size; defaults to the source's.
+        gate: add Mamba's output gate, initialised neutral (needs biases).
 
     Returns:
         A dict of `Mamba2` constructor arguments (without `d_model`).
@@ -278,10 +286,10 @@ def mamba2_config(linear_attention, d_conv=4, chunk_size=None):
         expand=_expand(heads * la.value_dim, d_model),
         head_dim=la.value_dim,
         num_groups=heads,
-        use_bias=la.use_bias,
+        use_bias=la.use_bias or bool(gate),
         conv_bias=True,
         conv_init="identity",
-        gate=False,
+        gate=bool(gate),
         chunk_size=chunk_size or la.chunk_size,
         max_length=la.max_length,
         conv_activation=None,
@@ -328,12 +336,18 @@ def copy_linear_attention_to_mamba2(linear_attention, mamba2):
         kernel[:, lo:hi] = heads_first(dense.kernel, kv)
         if la.use_bias:
             bias[lo:hi] = heads_first(dense.bias, kv)
+    if m.gate:
+        if not m.use_bias:
+            raise ValueError("A gated Mamba2 needs use_bias=True to start with a neutral gate; "
+                             "build it from mamba2_config(..., gate=True).")
+        bias[layout["z"][0]:layout["z"][1]] = UNIT_GATE_BIAS
     _assign(m.in_proj_kernel, kernel, "in_proj kernel")
     _assign(m.out_proj_kernel, _numpy(la.output_dense.kernel).reshape(-1, d_model),
             "out_proj kernel")
-    if la.use_bias:
+    if m.use_bias:
         _assign(m.in_proj_bias, bias, "in_proj bias")
-        _assign(m.out_proj_bias, la.output_dense.bias, "out_proj bias")
+        out_bias = la.output_dense.bias if la.use_bias else np.zeros((d_model,))
+        _assign(m.out_proj_bias, out_bias, "out_proj bias")
     # The identity conv, even if `m` was trained or made with another conv_init.
     conv = np.zeros(tuple(m.conv_kernel.shape), "float32")
     conv[-1] = 1.0
@@ -357,7 +371,7 @@ def copy_linear_attention_to_mamba2(linear_attention, mamba2):
         _copy_layer(la.query_feature_map, m.c_feature_map)
 
 
-def to_mamba2(model, d_conv=4, chunk_size=None):
+def to_mamba2(model, d_conv=4, chunk_size=None, gate=False):
     """Stage 2 surgery: a linear-attention LM -> a Mamba-2 LM with the same outputs.
 
     The embedding, norms, MLPs (the source's `intermediate_dim` is kept) and
@@ -372,6 +386,8 @@ def to_mamba2(model, d_conv=4, chunk_size=None):
         d_conv: width of the (identity-initialised) convs, which later
             training can use.
         chunk_size: Mamba2's chunk size; defaults to the source's.
+        gate: give every block Mamba's output gate, initialised to multiply
+            by exactly 1 (the result still equals the source).
 
     Returns:
         A built `Mamba2LM` whose logits equal the source's (float32
@@ -393,5 +409,5 @@ def to_mamba2(model, d_conv=4, chunk_size=None):
     _check_lm(model, "linear_attention", "to_mamba2")
     for block in model.blocks:
         _check_convertible(block.mixer)
-    config = mamba2_config(model.blocks[0].mixer, d_conv, chunk_size)
+    config = mamba2_config(model.blocks[0].mixer, d_conv, chunk_size, gate)
     return _rebuild(model, Mamba2LM, config, copy_linear_attention_to_mamba2)

@@ -203,6 +203,32 @@ class CausalLM(keras.Model):
             x = block(x, padding_mask=padding_mask)
         return self._logits(x)
 
+    def mixer_activations(self, inputs, padding_mask=None):
+        """Every block's mixer input (after its norm) and mixer output.
+
+        What attention transfer matches layer by layer: the teacher's
+        mixer inputs feed the student's mixers, whose outputs must match the
+        teacher's.
+
+        Args:
+            inputs: int token ids `(batch, length)` or a dict as in `call`.
+            padding_mask: optional `(batch, length)`, 1 for real tokens.
+
+        Returns:
+            `(mixer_inputs, mixer_outputs)`: two lists with one
+            `(batch, length, hidden_dim)` tensor per block.
+        """
+        token_ids, padding_mask = self._unpack(inputs, padding_mask)
+        x = self._embed(ops.convert_to_tensor(token_ids))
+        mixer_inputs, mixer_outputs = [], []
+        for block in self.blocks:
+            h = block.mixer_norm(x)
+            y = block.mixer(h, padding_mask=padding_mask)
+            mixer_inputs.append(h)
+            mixer_outputs.append(y)
+            x = block._mlp(x + ops.cast(y, x.dtype))
+        return mixer_inputs, mixer_outputs
+
     def prefill(self, token_ids, padding_mask=None, max_length=None):
         """Runs a prompt; returns its logits and one cache per block.
 

@@ -184,6 +184,27 @@ def test_to_mamba2_prefill_step_and_left_padding(attention):
     assert_close(got[:1], alone[:, -1])
 
 
+@pytest.mark.parametrize("attention", [MHA, GQA])
+def test_to_mamba2_with_a_neutral_gate(attention):
+    linear = perturb_linear_attention(to_linear_attention(transformer(attention), chunk_size=4))
+    ssm = to_mamba2(linear, chunk_size=8, gate=True)
+    mixer = ssm.blocks[0].mixer
+    assert mixer.gate and mixer.use_bias
+    lo, hi = mixer.in_proj_layout["z"]
+    z = np_(mixer.in_proj_bias)[lo:hi]
+    np.testing.assert_allclose(z / (1 + np.exp(-z)), 1.0, rtol=1e-6)  # silu(bias) = 1
+    ids = tokens((2, 11))
+    assert_close(ssm(ids), linear(ids))
+    logits, caches = ssm.prefill(ids[:, :6])
+    logits, caches = ssm.step(ids[:, 6], caches)
+    assert_close(logits, np_(linear(ids[:, :7]))[:, -1])
+    # The gate is live: moving its weights changes the output.
+    kernel = np_(mixer.in_proj_kernel)
+    kernel[:, lo:hi] = 0.5
+    mixer.in_proj_kernel.assign(kernel.astype("float32"))
+    assert relative_error(ssm(ids), linear(ids)) > 1e-3
+
+
 def test_to_mamba2_maps_a_learned_decay():
     keras.utils.set_random_seed(2)
     linear = LinearAttentionLM(VOCAB, LAYERS, WIDTH, mixer_config=dict(
