@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[jax,tensorflow,meta,plots,test]"
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[jax,tensorflow,meta,plots,test,hub]"
 	touch $(STAMP)
 
 demo: install

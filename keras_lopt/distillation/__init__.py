@@ -10,5 +10,6 @@ from keras_lopt.distillation.convert import to_linear_attention
 from keras_lopt.distillation.convert import to_mamba2
 from keras_lopt.distillation.distiller import STAGES
 from keras_lopt.distillation.distiller import Distiller
+from keras_lopt.distillation.hub import from_keras_hub
 from keras_lopt.distillation.losses import AttentionTransferLoss
 from keras_lopt.distillation.losses import TokenKLDivergence

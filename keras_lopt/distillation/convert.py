@@ -97,11 +97,18 @@ def _lm_kwargs(model):
         intermediate_dim=model.intermediate_dim,
         norm_epsilon=model.norm_epsilon,
         tie_embeddings=model.tie_embeddings,
+        norm=model.norm,
+        mlp_activation=model.mlp_activation,
+        gated_mlp=model.gated_mlp,
+        mlp_bias=model.mlp_bias,
+        max_positions=model.max_positions,
     )
 
 
 def _copy_everything_but_the_mixers(source, target):
     _copy_layer(source.token_embedding, target.token_embedding)
+    if source.position_embedding is not None:
+        _copy_layer(source.position_embedding, target.position_embedding)
     _copy_layer(source.final_norm, target.final_norm)
     if source.lm_head is not None:
         _copy_layer(source.lm_head, target.lm_head)
@@ -110,6 +117,8 @@ def _copy_everything_but_the_mixers(source, target):
         if src.intermediate_dim:
             for name in ("mlp_norm", "mlp_in", "mlp_out"):
                 _copy_layer(getattr(src, name), getattr(dst, name))
+            if src.mlp_gate is not None:
+                _copy_layer(src.mlp_gate, dst.mlp_gate)
 
 
 def _feature_map_config(feature_map):
@@ -203,8 +212,9 @@ def to_linear_attention(model, feature_map="hedgehog", normalization="norm", chu
     unchanged, and attention transfer trains the feature maps to match.
 
     Args:
-        model: a `CausalLM` with `mixer="attention"` (e.g. `TransformerLM`);
-            built if it is not.
+        model: a `CausalLM` with `mixer="attention"` (e.g. `TransformerLM`),
+            built if it is not, or a keras-hub GPT-2 / Llama model (through
+            `from_keras_hub`).
         feature_map: `LinearAttention` feature map: `"hedgehog"`, `"elu"`,
             `"relu"`, `"identity"` or a layer (each block gets a fresh copy
             from its config).
@@ -225,6 +235,10 @@ def to_linear_attention(model, feature_map="hedgehog", normalization="norm", chu
     >>> student = to_linear_attention(teacher, feature_map="hedgehog")
     >>> student(token_ids).shape    # same as teacher(token_ids)
     """
+    from keras_lopt.distillation import hub
+
+    if hub.is_keras_hub_model(model):
+        model = hub.from_keras_hub(model)
     _check_lm(model, "attention", "to_linear_attention")
     config = linear_attention_config(model.blocks[0].mixer, feature_map, normalization,
                                      chunk_size)

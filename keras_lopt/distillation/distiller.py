@@ -10,6 +10,7 @@ from keras import ops
 from keras.saving import register_keras_serializable
 
 from keras_lopt.distillation import convert
+from keras_lopt.distillation import hub
 from keras_lopt.distillation.losses import AttentionTransferLoss
 from keras_lopt.distillation.losses import TokenKLDivergence
 from keras_lopt.distillation.losses import token_cross_entropy
@@ -32,13 +33,10 @@ def _check_teacher(teacher):
                 f"{teacher.mixer!r}. Distillation converts softmax attention; pass a "
                 "TransformerLM (mixer='attention').")
         return
-    if type(teacher).__module__.startswith("keras_hub"):
-        raise TypeError(
-            f"keras-hub teachers ({_describe(teacher)}) are not supported yet: the Distiller "
-            "needs a keras_lopt.models.TransformerLM teacher.")
     raise TypeError(
         f"Unsupported teacher {_describe(teacher)}: the Distiller needs a "
-        "keras_lopt.models.TransformerLM (a CausalLM with mixer='attention').")
+        "keras_lopt.models.TransformerLM (a CausalLM with mixer='attention') or a keras-hub "
+        f"model among {hub.SUPPORTED}.")
 
 
 def _check_student_fits(teacher, student, mixer):
@@ -102,7 +100,10 @@ class Distiller(keras.Model):
     `call` returns the current student's logits.
 
     Args:
-        teacher: a trained `keras_lopt.models.TransformerLM`. It is frozen.
+        teacher: a trained `keras_lopt.models.TransformerLM`, or a keras-hub
+            GPT-2 / Llama model (backbone or `CausalLM`), which is first
+            rebuilt as a `TransformerLM` with the same logits
+            (`from_keras_hub`). It is frozen.
         student: `"mamba2"` (all three stages), `"linear_attention"` (stage
             1 only), a `LinearAttentionLM` to start stage 1 from instead of
             the converted teacher, or a `Mamba2LM` to distil directly with
@@ -119,8 +120,9 @@ class Distiller(keras.Model):
         chunk_size: chunk size of the student layers.
 
     Raises:
-        TypeError: the teacher is not a Transformer `CausalLM`, or the
-            student is of an unsupported kind.
+        TypeError: the teacher is neither a Transformer `CausalLM` nor a
+            supported keras-hub model, or the student is of an unsupported
+            kind.
         ValueError: the teacher has no attention layers, or a given student
             has another vocabulary, width or depth.
     """
@@ -129,6 +131,8 @@ class Distiller(keras.Model):
                  attention_loss="mse", temperature=1.0, ce_weight=0.2, gate=True, d_conv=4,
                  chunk_size=64, name="distiller", **kwargs):
         super().__init__(name=name, **kwargs)
+        if hub.is_keras_hub_model(teacher):
+            teacher = hub.from_keras_hub(teacher)
         _check_teacher(teacher)
         if not 0.0 <= ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1]; received {ce_weight}.")

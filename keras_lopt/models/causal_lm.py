@@ -13,9 +13,31 @@ import keras
 from keras import ops
 from keras.saving import register_keras_serializable
 
+from keras_lopt.layers import rotary
 from keras_lopt.models import _backend
 
 MIXERS = ("attention", "linear_attention", "mamba", "mamba2")
+NORMS = ("rms", "layer")
+MLP_ACTIVATIONS = {
+    "gelu": lambda x: ops.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: ops.gelu(x, approximate=True),  # GPT-2's
+    "silu": ops.silu,  # Llama's, with gated_mlp=True (SwiGLU)
+    "relu": ops.relu,
+}
+
+
+def make_norm(kind, epsilon, name):
+    """`"rms"` (RMSNorm, a scale) or `"layer"` (LayerNorm, a scale and a bias)."""
+    if kind == "rms":
+        return keras.layers.RMSNormalization(epsilon=epsilon, name=name)
+    if kind == "layer":
+        return keras.layers.LayerNormalization(epsilon=epsilon, name=name)
+    raise ValueError(f"Unknown norm {kind!r}; choose from {NORMS}.")
+
+
+def _check_mlp_activation(name):
+    if name not in MLP_ACTIVATIONS:
+        raise ValueError(f"Unknown mlp_activation {name!r}; choose from {tuple(MLP_ACTIVATIONS)}.")
 
 
 def make_mixer(kind, config, name=None):
@@ -44,25 +66,40 @@ def make_mixer(kind, config, name=None):
 class DecoderBlock(keras.layers.Layer):
     """Pre-norm residual block: `x + mixer(norm(x))`, then `x + mlp(norm(x))`.
 
+    The MLP is `mlp_out(act(mlp_in(h)))`, or gated (SwiGLU with `"silu"`)
+    `mlp_out(mlp_in(h) * act(mlp_gate(h)))`.
+
     Args:
         mixer: `"attention"`, `"linear_attention"`, `"mamba"` or `"mamba2"`.
         mixer_config: constructor arguments of the mixer layer.
-        intermediate_dim: hidden width of the GELU MLP; 0 for no MLP (the
-            usual Mamba block).
-        norm_epsilon: epsilon of the RMS norms.
+        intermediate_dim: hidden width of the MLP; 0 for no MLP (the usual
+            Mamba block).
+        norm_epsilon: epsilon of the norms.
+        norm: `"rms"` or `"layer"`.
+        mlp_activation: `"gelu"`, `"gelu_tanh"`, `"silu"` or `"relu"`.
+        gated_mlp: multiply by a gate projection (Llama's MLP).
+        mlp_bias: biases in the MLP projections.
     """
 
-    def __init__(self, mixer, mixer_config, intermediate_dim, norm_epsilon=1e-5, **kwargs):
+    def __init__(self, mixer, mixer_config, intermediate_dim, norm_epsilon=1e-5, norm="rms",
+                 mlp_activation="gelu", gated_mlp=False, mlp_bias=True, **kwargs):
         super().__init__(**kwargs)
+        _check_mlp_activation(mlp_activation)
         self.mixer_kind = mixer
         self.mixer_config = dict(mixer_config or {})
         self.intermediate_dim = int(intermediate_dim)
         self.norm_epsilon = float(norm_epsilon)
+        self.norm = norm
+        self.mlp_activation = mlp_activation
+        self.gated_mlp = bool(gated_mlp)
+        self.mlp_bias = bool(mlp_bias)
         self.mixer = make_mixer(mixer, self.mixer_config, name="mixer")
-        self.mixer_norm = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="mixer_norm")
+        self.mixer_norm = make_norm(norm, norm_epsilon, "mixer_norm")
         if self.intermediate_dim:
-            self.mlp_norm = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="mlp_norm")
-            self.mlp_in = keras.layers.Dense(intermediate_dim, activation="gelu", name="mlp_in")
+            self.mlp_norm = make_norm(norm, norm_epsilon, "mlp_norm")
+            self.mlp_in = keras.layers.Dense(intermediate_dim, use_bias=mlp_bias, name="mlp_in")
+            self.mlp_gate = keras.layers.Dense(
+                intermediate_dim, use_bias=mlp_bias, name="mlp_gate") if gated_mlp else None
             self.mlp_out = None  # built in build(): needs the model width
 
     def build(self, input_shape):
@@ -71,13 +108,22 @@ class DecoderBlock(keras.layers.Layer):
         if self.intermediate_dim:
             self.mlp_norm.build(input_shape)
             self.mlp_in.build(input_shape)
-            self.mlp_out = keras.layers.Dense(input_shape[-1], name="mlp_out")
+            if self.mlp_gate is not None:
+                self.mlp_gate.build(input_shape)
+            self.mlp_out = keras.layers.Dense(input_shape[-1], use_bias=self.mlp_bias,
+                                              name="mlp_out")
             self.mlp_out.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))
 
     def _mlp(self, x):
         if not self.intermediate_dim:
             return x
-        return x + self.mlp_out(self.mlp_in(self.mlp_norm(x)))
+        h = self.mlp_norm(x)
+        activation = MLP_ACTIVATIONS[self.mlp_activation]
+        if self.mlp_gate is None:
+            h = activation(self.mlp_in(h))
+        else:
+            h = self.mlp_in(h) * activation(self.mlp_gate(h))
+        return x + self.mlp_out(h)
 
     def call(self, x, padding_mask=None):
         x = x + self.mixer(self.mixer_norm(x), padding_mask=padding_mask)
@@ -105,6 +151,10 @@ class DecoderBlock(keras.layers.Layer):
             mixer_config=self.mixer_config,
             intermediate_dim=self.intermediate_dim,
             norm_epsilon=self.norm_epsilon,
+            norm=self.norm,
+            mlp_activation=self.mlp_activation,
+            gated_mlp=self.gated_mlp,
+            mlp_bias=self.mlp_bias,
         )
         return config
 
@@ -125,8 +175,20 @@ class CausalLM(keras.Model):
         mixer: `"attention"`, `"linear_attention"`, `"mamba"` or `"mamba2"`.
         mixer_config: constructor arguments of the mixer layers.
         intermediate_dim: MLP width (0: no MLP); defaults to `4 * hidden_dim`.
-        norm_epsilon: epsilon of the RMS norms.
+        norm_epsilon: epsilon of the norms.
         tie_embeddings: reuse the token embedding as the output projection.
+        norm: `"rms"` (RMSNorm) or `"layer"` (LayerNorm with a bias), for
+            the blocks and the final norm.
+        mlp_activation: `"gelu"`, `"gelu_tanh"`, `"silu"` or `"relu"`.
+        gated_mlp: gated MLP (with `"silu"`: Llama's SwiGLU).
+        mlp_bias: biases in the MLP projections.
+        max_positions: if > 0, learned absolute position embeddings for
+            that many positions (GPT-2); positions count real tokens only,
+            like the rotary positions, so left padding does not shift them.
+
+    The defaults are this package's own small LMs; `from_keras_hub` (in
+    `keras_lopt.distillation`) sets the options that reproduce GPT-2 and
+    Llama exactly.
 
     Example:
 
@@ -138,10 +200,20 @@ class CausalLM(keras.Model):
     """
 
     def __init__(self, vocab_size, num_layers, hidden_dim, mixer="attention", mixer_config=None,
-                 intermediate_dim=None, norm_epsilon=1e-5, tie_embeddings=True, **kwargs):
+                 intermediate_dim=None, norm_epsilon=1e-5, tie_embeddings=True, norm="rms",
+                 mlp_activation="gelu", gated_mlp=False, mlp_bias=True, max_positions=0,
+                 **kwargs):
         super().__init__(**kwargs)
         if mixer not in MIXERS:
             raise ValueError(f"Unknown mixer {mixer!r}; choose from {MIXERS}.")
+        _check_mlp_activation(mlp_activation)
+        if norm not in NORMS:
+            raise ValueError(f"Unknown norm {norm!r}; choose from {NORMS}.")
+        self.norm = norm
+        self.mlp_activation = mlp_activation
+        self.gated_mlp = bool(gated_mlp)
+        self.mlp_bias = bool(mlp_bias)
+        self.max_positions = int(max_positions)
         self.vocab_size = int(vocab_size)
         self.num_layers = int(num_layers)
         self.hidden_dim = int(hidden_dim)
@@ -156,12 +228,15 @@ class CausalLM(keras.Model):
             vocab_size, hidden_dim, embeddings_initializer=keras.initializers.RandomNormal(
                 stddev=0.02), name="token_embedding"
         )
+        self.position_embedding = keras.layers.Embedding(
+            self.max_positions, hidden_dim, embeddings_initializer=keras.initializers.RandomNormal(
+                stddev=0.02), name="position_embedding") if self.max_positions else None
         self.blocks = [
-            DecoderBlock(mixer, self.mixer_config, self.intermediate_dim, norm_epsilon,
-                         name=f"block_{i}")
+            DecoderBlock(mixer, self.mixer_config, self.intermediate_dim, norm_epsilon, norm,
+                         mlp_activation, gated_mlp, mlp_bias, name=f"block_{i}")
             for i in range(self.num_layers)
         ]
-        self.final_norm = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="final_norm")
+        self.final_norm = make_norm(norm, norm_epsilon, "final_norm")
         self.lm_head = None if tie_embeddings else keras.layers.Dense(
             vocab_size, use_bias=False, name="lm_head"
         )
@@ -169,6 +244,8 @@ class CausalLM(keras.Model):
 
     def build(self, input_shape=None):
         self.token_embedding.build((None, None))
+        if self.position_embedding is not None:
+            self.position_embedding.build((None, None))
         shape = (None, None, self.hidden_dim)
         for block in self.blocks:
             block.build(shape)
@@ -184,11 +261,22 @@ class CausalLM(keras.Model):
             inputs = inputs["token_ids"]
         return inputs, padding_mask
 
-    def _embed(self, token_ids):
+    def _embed(self, token_ids, padding_mask=None, positions=None):
+        """Token (and position) embeddings; `positions` default to those of the mask."""
         if not keras.backend.is_int_dtype(keras.backend.standardize_dtype(token_ids.dtype)):
             raise TypeError(f"{type(self).__name__} expects integer token ids; received "
                             f"dtype {token_ids.dtype}.")
-        return self.token_embedding(token_ids)
+        x = self.token_embedding(token_ids)
+        if self.position_embedding is None:
+            return x
+        if positions is None:
+            length = token_ids.shape[1]
+            if length > self.max_positions:
+                raise ValueError(f"Sequence length {length} exceeds max_positions="
+                                 f"{self.max_positions} of the position embedding.")
+            positions = rotary.positions_from_mask(padding_mask, length,
+                                                   ops.shape(token_ids)[0])
+        return x + ops.cast(self.position_embedding(positions), x.dtype)
 
     def _logits(self, x):
         x = self.final_norm(x)
@@ -198,7 +286,7 @@ class CausalLM(keras.Model):
 
     def call(self, inputs, padding_mask=None):
         token_ids, padding_mask = self._unpack(inputs, padding_mask)
-        x = self._embed(token_ids)
+        x = self._embed(token_ids, padding_mask)
         for block in self.blocks:
             x = block(x, padding_mask=padding_mask)
         return self._logits(x)
@@ -219,7 +307,7 @@ class CausalLM(keras.Model):
             `(batch, length, hidden_dim)` tensor per block.
         """
         token_ids, padding_mask = self._unpack(inputs, padding_mask)
-        x = self._embed(ops.convert_to_tensor(token_ids))
+        x = self._embed(ops.convert_to_tensor(token_ids), padding_mask)
         mixer_inputs, mixer_outputs = [], []
         for block in self.blocks:
             h = block.mixer_norm(x)
@@ -233,24 +321,37 @@ class CausalLM(keras.Model):
         """Runs a prompt; returns its logits and one cache per block.
 
         `max_length` bounds prompt + generated tokens; only softmax attention
-        needs it (its KV cache is preallocated).
+        needs it (its KV cache is preallocated). With position embeddings
+        the caches end with `{"position": (batch,)}`, the next position.
         """
         if not self.built:
             self.build()
-        x = self._embed(ops.convert_to_tensor(token_ids))
+        token_ids = ops.convert_to_tensor(token_ids)
+        x = self._embed(token_ids, padding_mask)
         caches = []
         for block in self.blocks:
             x, cache = block.prefill(x, padding_mask=padding_mask, max_length=max_length)
             caches.append(cache)
+        if self.position_embedding is not None:
+            real = ops.ones(ops.shape(token_ids), "int32") if padding_mask is None else \
+                ops.cast(padding_mask, "int32")
+            caches.append({"position": ops.sum(real, axis=1)})
         return self._logits(x), caches
 
     def step(self, token_ids, caches):
         """Feeds one token per sequence `(batch,)`; returns `(logits, caches)`."""
-        x = self._embed(ops.convert_to_tensor(token_ids))
+        token_ids = ops.convert_to_tensor(token_ids)
+        positions = None
+        if self.position_embedding is not None:
+            # Past the table the last position is reused (generate checks the length).
+            positions = ops.minimum(caches[-1]["position"], self.max_positions - 1)
+        x = self._embed(token_ids, positions=positions)
         new_caches = []
         for block, cache in zip(self.blocks, caches):
             x, cache = block.step(x, cache)
             new_caches.append(cache)
+        if self.position_embedding is not None:
+            new_caches.append({"position": caches[-1]["position"] + 1})
         return self._logits(x), new_caches
 
     def generate(self, prompt, max_new_tokens, padding_mask=None, temperature=0.0, seed=None):
@@ -273,6 +374,9 @@ class CausalLM(keras.Model):
         if len(prompt.shape) != 2:
             raise ValueError(f"prompt must be (batch, length); received {prompt.shape}.")
         length = prompt.shape[1]
+        if self.max_positions and length + max_new_tokens > self.max_positions:
+            raise ValueError(f"prompt + max_new_tokens = {length + max_new_tokens} exceeds "
+                             f"max_positions={self.max_positions}.")
         logits, caches = self.prefill(prompt, padding_mask, max_length=length + max_new_tokens)
         if self._compiled_step is None:
             self._compiled_step = _backend.compile_step(self)
@@ -303,6 +407,11 @@ class CausalLM(keras.Model):
             intermediate_dim=self.intermediate_dim,
             norm_epsilon=self.norm_epsilon,
             tie_embeddings=self.tie_embeddings,
+            norm=self.norm,
+            mlp_activation=self.mlp_activation,
+            gated_mlp=self.gated_mlp,
+            mlp_bias=self.mlp_bias,
+            max_positions=self.max_positions,
         )
         return config
 

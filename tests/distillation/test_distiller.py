@@ -242,12 +242,3 @@ def test_bad_teachers_and_students_fail_before_training():
         distiller.fit(sequences(), stage_tokens=(10, 10, 10), verbose=0)
     with pytest.raises(ValueError, match="does not have"):
         distiller.fit(sequences(), stage_tokens={"mamba": 10}, verbose=0)
-
-
-def test_keras_hub_teacher_is_refused_clearly():
-    keras_hub = pytest.importorskip("keras_hub", reason="keras-hub is not installed")
-    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=VOCAB, num_layers=1, num_heads=2,
-                                             hidden_dim=8, intermediate_dim=16,
-                                             max_sequence_length=16)
-    with pytest.raises(TypeError, match="keras-hub teachers"):
-        Distiller(backbone)

@@ -24,12 +24,22 @@ def make(kind):
     if kind == "linear_attention":
         return LinearAttentionLM(VOCAB, 2, 32, mixer_config={
             "num_heads": 4, "key_dim": 8, "feature_map": "hedgehog", "chunk_size": 4})
+    if kind == "gpt2_style":  # LayerNorm, learned positions, tanh-GELU, biased attention
+        return TransformerLM(VOCAB, 2, 32, mixer_config={"num_heads": 4, "key_dim": 8,
+                                                         "use_bias": True},
+                             norm="layer", mlp_activation="gelu_tanh", max_positions=16)
+    if kind == "llama_style":  # SwiGLU without biases, separate output embedding
+        return TransformerLM(VOCAB, 2, 32, mixer_config={"num_heads": 4, "key_dim": 8,
+                                                         "num_key_value_heads": 2, "rotary": True},
+                             mlp_activation="silu", gated_mlp=True, mlp_bias=False,
+                             tie_embeddings=False, norm_epsilon=1e-6)
     if kind == "mamba":
         return MambaLM(VOCAB, 2, 32, mixer_config={"d_state": 8, "chunk_size": 4})
     return Mamba2LM(VOCAB, 2, 32, mixer_config={"d_state": 8, "head_dim": 16, "chunk_size": 4})
 
 
 KINDS = ["transformer", "linear_attention", "mamba", "mamba2"]
+BLOCK_VARIANTS = ["gpt2_style", "llama_style"]
 
 
 def tokens(shape, seed=0):
@@ -41,7 +51,7 @@ def close(a, b, tol=1e-4):
     np.testing.assert_allclose(a, b, atol=tol * max(1.0, np.abs(b).max()), rtol=tol)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + BLOCK_VARIANTS)
 def test_prefill_then_steps_equal_full_forward(kind):
     lm = make(kind)
     ids = tokens((2, 11))
@@ -53,7 +63,7 @@ def test_prefill_then_steps_equal_full_forward(kind):
         close(step_logits, full[:, t])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + BLOCK_VARIANTS)
 def test_generate_left_padded_batch_matches_single_prompts(kind):
     lm = make(kind)
     short, long = tokens((1, 3), 1), tokens((1, 6), 2)
@@ -68,7 +78,7 @@ def test_generate_left_padded_batch_matches_single_prompts(kind):
     assert sampled.shape == (1, 10) and sampled.max() < VOCAB
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + BLOCK_VARIANTS)
 def test_fit_save_load_round_trip(kind, tmp_path):
     lm = make(kind)
     ids = tokens((8, 13))
@@ -107,6 +117,13 @@ def test_bad_inputs():
         CausalLM(VOCAB, 1, 16, mixer="lstm")
     with pytest.raises(ValueError, match="prompt must be"):
         lm.generate(np.zeros((4,), "int32"), 2)
+    with pytest.raises(ValueError, match="Unknown norm"):
+        CausalLM(VOCAB, 1, 16, norm="batch")
+    with pytest.raises(ValueError, match="Unknown mlp_activation"):
+        CausalLM(VOCAB, 1, 16, mlp_activation="swish2")
+    positional = make("gpt2_style")
+    with pytest.raises(ValueError, match="exceeds max_positions=16"):
+        positional(tokens((1, 17)))
 
 
 def greedy_without_cache(lm, prompt, new_tokens):
