@@ -90,6 +90,7 @@ class Distiller(keras.Model):
 
     ```python
     distiller.set_stage("attention_transfer")
+    distiller.calibrate(x[:32])       # output norms to the teacher's scale
     distiller.compile(optimizer=keras.optimizers.AdamW(1e-3))
     distiller.fit(x, y, epochs=1, callbacks=[...])
     distiller.set_stage("linear_attention"); distiller.compile(...); distiller.fit(x, y)
@@ -227,6 +228,48 @@ class Distiller(keras.Model):
         self.compiled = False
         self.train_function = self.test_function = self.predict_function = None
 
+    def calibrate(self, x, padding_mask=None):
+        """Rescales each linear-attention layer's output norm to the teacher's scale.
+
+        A fresh linear-attention layer with `normalization="norm"` outputs
+        unit-RMS heads while softmax attention outputs averages of values,
+        which are much smaller, so attention transfer would spend its first
+        steps only learning that scale. On the batch `x`, every layer's
+        `norm_scale` is multiplied by the least-squares factor
+        `<t, s> / <s, s>` between its output `s` (fed the teacher's hidden
+        state) and the teacher attention output `t` (output biases
+        removed). The one-call `fit` does this before attention transfer;
+        call it yourself when running the stages by hand.
+
+        Args:
+            x: token ids `(batch, length)` or a dict with `token_ids` and
+                `padding_mask`.
+
+        Returns:
+            The factors, one per layer (1.0 for layers without an output
+            norm).
+        """
+        token_ids, padding_mask = CausalLM._unpack(x, padding_mask)
+        hidden, teacher_out = self.teacher.mixer_activations(token_ids, padding_mask)
+        factors = []
+        for block, h, t in zip(self.linear_attention_student.blocks, hidden, teacher_out):
+            mixer = block.mixer
+            if mixer.normalization != "norm":
+                factors.append(1.0)
+                continue
+            s = ops.cast(mixer(h, padding_mask=padding_mask), "float32")
+            t = ops.cast(t, "float32")
+            if mixer.use_bias:
+                bias = ops.cast(mixer.output_dense.bias, "float32")
+                s, t = s - bias, t - bias
+            if padding_mask is not None:
+                real = ops.cast(padding_mask, "float32")[..., None]
+                s, t = s * real, t * real
+            factor = float(ops.sum(s * t) / ops.maximum(ops.sum(s * s), 1e-30))
+            mixer.norm_scale.assign(ops.cast(mixer.norm_scale, "float32") * factor)
+            factors.append(factor)
+        return factors
+
     def _convert_to_mamba2(self):
         la, ssm = self.linear_attention_student, self.mamba2_student
         convert._copy_everything_but_the_mixers(la, ssm)
@@ -319,6 +362,15 @@ class Distiller(keras.Model):
             if verbose:
                 print(f"Stage {i + 1}/{len(plan)}: {stage} ({steps} steps, "
                       f"{steps * tokens_per_batch:,} tokens)")
+            resuming = checkpoint_dir and os.path.exists(
+                os.path.join(checkpoint_dir, f"backup_{stage}"))
+            if stage == "attention_transfer" and not resuming:
+                first = next(batches)
+                factors = self.calibrate(first[0])
+                batches = _prepend(first, batches)
+                if verbose:
+                    print("Output norms calibrated to the teacher's scale: factors "
+                          + ", ".join(f"{f:.3g}" for f in factors))
             self.compile(optimizer=_stage_optimizer(optimizer, stage, steps))
             per_epoch = min(steps, checkpoint_every or steps)
             stage_callbacks = list(callbacks or [])
@@ -440,14 +492,19 @@ def _batch_source(data, batch_size, seed):
         return draw(), batch_size * (data.shape[1] - 1)
     iterator = iter(data)
     first = next(iterator)
+    return _prepend(first, iterator), _tokens_in(first)
+
+
+def _prepend(first, rest):
+    # A generator (what Keras' fit accepts), not an itertools.chain.
+    yield first
+    yield from rest
+
+
+def _tokens_in(first):
     token_ids = first[0]["token_ids"] if isinstance(first[0], dict) else first[0]
     shape = np.shape(token_ids)
     if len(shape) != 2:
         raise ValueError(f"Batches must be (token_ids, targets) with token_ids (batch, "
                          f"length); received token_ids of shape {shape}.")
-
-    def chain():
-        yield first
-        yield from iterator
-
-    return chain(), int(shape[0] * shape[1])
+    return int(shape[0] * shape[1])

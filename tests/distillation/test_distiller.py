@@ -107,6 +107,18 @@ def test_attention_transfer_of_the_teacher_onto_itself_is_zero():
     np.testing.assert_allclose(np_(model._logits(x)), np_(model(ids)), rtol=1e-5, atol=1e-5)
 
 
+def test_calibrate_matches_the_teacher_scale():
+    distiller = Distiller(teacher(), student="linear_attention", chunk_size=8)
+    x = sequences(8)[:, :-1]
+    before = float(distiller.compute_loss(x))
+    factors = distiller.calibrate(x)
+    after = float(distiller.compute_loss(x))
+    assert len(factors) == LAYERS and all(f > 0 for f in factors)
+    # The least-squares scale can only lower the scale-free MSE, to at most 1.
+    assert after < before and after <= 1.0 + 1e-6
+    assert distiller.calibrate(x) == pytest.approx([1.0] * LAYERS, rel=1e-4)
+
+
 def test_one_call_fit_checkpoints_and_resumes(tmp_path):
     data = sequences(32)
     checkpoints = str(tmp_path / "run")
