@@ -25,3 +25,19 @@ def test_evaluate_harness_quick(tmp_path):
 def test_demo_runs(tmp_path):
     out = _run(["examples/demo.py", "--epochs", "1", "--out-dir", str(tmp_path)], tmp_path)
     assert "Celo2" in out and (tmp_path / "demo_celo2_vs_adamw.png").exists()
+
+
+def test_distillation_example_quick(tmp_path):
+    # Each phase saves its model; the JSON holds every perplexity and the throughputs.
+    import json
+
+    out = _run(["examples/distill_stdlib.py", "--quick", "--out", str(tmp_path)], tmp_path)
+    assert "held-out perplexity stage2_mamba2" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["perplexity"]) == {"teacher", "stage1_linear_attention", "stage2_mamba2",
+                                          "mamba2_scratch", "mamba2_naive"}
+    assert all(1.0 < p < 256.0 for p in results["perplexity"].values())
+    assert all(t > 0 for t in results["tokens_per_second"].values())
+    # Run again: every phase is loaded, nothing retrains.
+    again = _run(["examples/distill_stdlib.py", "--quick", "--out", str(tmp_path)], tmp_path)
+    assert "teacher: loaded" in again and "naive: loaded" in again

@@ -265,7 +265,8 @@ class Distiller(keras.Model):
             if padding_mask is not None:
                 real = ops.cast(padding_mask, "float32")[..., None]
                 s, t = s * real, t * real
-            factor = float(ops.sum(s * t) / ops.maximum(ops.sum(s * s), 1e-30))
+            factor = float(ops.convert_to_numpy(ops.stop_gradient(
+                ops.sum(s * t) / ops.maximum(ops.sum(s * s), 1e-30))))
             mixer.norm_scale.assign(ops.cast(mixer.norm_scale, "float32") * factor)
             factors.append(factor)
         return factors
