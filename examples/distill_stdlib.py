@@ -103,6 +103,10 @@ def main():
     parser.add_argument("--out", default="examples/output/distill_stdlib")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-decay", dest="decay", action="store_false",
+                        help="linear attention without the learned per-head decay")
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="stop after the student (run again without it to add them)")
     args = parser.parse_args()
     cfg = dict(QUICK if args.quick else FULL)
     os.makedirs(args.out, exist_ok=True)
@@ -134,7 +138,7 @@ def main():
     rates = {"attention_transfer": 1e-2, "linear_attention": 3e-4, "mamba2": 3e-4}
 
     def distil():
-        distiller = Distiller(teacher, student="mamba2", chunk_size=64)
+        distiller = Distiller(teacher, student="mamba2", chunk_size=64, decay=args.decay)
         histories = distiller.fit(
             data(args.seed + 1), stage_tokens=(cfg["stage1_tokens"], cfg["stage2_tokens"]),
             optimizer=lambda stage, steps: cosine_adamw(rates[stage], steps),
@@ -167,6 +171,8 @@ def main():
                       optimizer=lambda stage, steps: cosine_adamw(1e-3, steps), verbose=2)
         return distiller.student
 
+    if args.skip_baselines:
+        return
     baselines = {"scratch": phase(args.out, "scratch", scratch, log),
                  "naive": phase(args.out, "naive", naive, log)}
 

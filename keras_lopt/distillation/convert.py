@@ -133,12 +133,12 @@ def _feature_map_config(feature_map):
 
 
 def linear_attention_config(attention, feature_map="hedgehog", normalization="norm",
-                            chunk_size=64):
+                            chunk_size=64, decay=False):
     """`LinearAttention` arguments matching a `CausalSelfAttention` layer.
 
     Args:
         attention: a `keras_lopt.layers.CausalSelfAttention`.
-        feature_map, normalization, chunk_size: as in `LinearAttention`.
+        feature_map, normalization, chunk_size, decay: as in `LinearAttention`.
 
     Returns:
         A dict of `LinearAttention` constructor arguments (causal, same
@@ -162,6 +162,7 @@ def linear_attention_config(attention, feature_map="hedgehog", normalization="no
         rotary_max_wavelength=attention.rotary_max_wavelength,
         use_bias=attention.use_bias,
         chunk_size=chunk_size,
+        decay=bool(decay),
     )
 
 
@@ -199,7 +200,8 @@ def copy_attention_to_linear_attention(attention, linear_attention):
         _assign(target, source, what)
 
 
-def to_linear_attention(model, feature_map="hedgehog", normalization="norm", chunk_size=64):
+def to_linear_attention(model, feature_map="hedgehog", normalization="norm", chunk_size=64,
+                        decay=False):
     """Stage 1 surgery: a Transformer LM with softmax attention -> linear attention.
 
     Every weight is copied: the embedding, norms, MLPs, final norm (and an
@@ -221,6 +223,9 @@ def to_linear_attention(model, feature_map="hedgehog", normalization="norm", chu
         normalization: `"norm"` (needed by `to_mamba2`), `"denominator"` or
             `None`.
         chunk_size: `LinearAttention`'s chunk size.
+        decay: give every layer a learned per-head decay (a recency bias that
+            attention transfer can tune; `to_mamba2` maps it to Mamba-2's
+            `A`).
 
     Returns:
         A built `LinearAttentionLM`.
@@ -241,7 +246,7 @@ def to_linear_attention(model, feature_map="hedgehog", normalization="norm", chu
         model = hub.from_keras_hub(model)
     _check_lm(model, "attention", "to_linear_attention")
     config = linear_attention_config(model.blocks[0].mixer, feature_map, normalization,
-                                     chunk_size)
+                                     chunk_size, decay)
     return _rebuild(model, LinearAttentionLM, config, copy_attention_to_linear_attention)
 
 

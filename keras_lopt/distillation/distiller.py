@@ -119,6 +119,9 @@ class Distiller(keras.Model):
             neutral).
         d_conv: width of the Mamba-2 convs.
         chunk_size: chunk size of the student layers.
+        decay: give the linear-attention layers a learned per-head decay
+            (initialised to memories of ~32 to ~512 tokens), trained from
+            attention transfer on and carried into Mamba-2's `A`.
 
     Raises:
         TypeError: the teacher is neither a Transformer `CausalLM` nor a
@@ -130,7 +133,7 @@ class Distiller(keras.Model):
 
     def __init__(self, teacher, student="mamba2", feature_map="hedgehog",
                  attention_loss="mse", temperature=1.0, ce_weight=0.2, gate=True, d_conv=4,
-                 chunk_size=64, name="distiller", **kwargs):
+                 chunk_size=64, decay=True, name="distiller", **kwargs):
         super().__init__(name=name, **kwargs)
         if hub.is_keras_hub_model(teacher):
             teacher = hub.from_keras_hub(teacher)
@@ -147,6 +150,7 @@ class Distiller(keras.Model):
         self.gate = bool(gate)
         self.d_conv = int(d_conv)
         self.chunk_size = int(chunk_size)
+        self.decay = bool(decay)
         self._student_spec = student
         self.linear_attention_student, self.mamba2_student = self._make_students(student)
         self.stages = tuple(s for s in STAGES if self._has_stage(s))
@@ -170,7 +174,7 @@ class Distiller(keras.Model):
                 raise ValueError(f"student must be one of {STUDENTS} or a model; received "
                                  f"{student!r}.")
             la = convert.to_linear_attention(teacher, feature_map=self.feature_map,
-                                             chunk_size=self.chunk_size)
+                                             chunk_size=self.chunk_size, decay=self.decay)
             ssm = convert.to_mamba2(la, self.d_conv, gate=self.gate) \
                 if student == "mamba2" else None
             return la, ssm
@@ -446,6 +450,7 @@ class Distiller(keras.Model):
             gate=self.gate,
             d_conv=self.d_conv,
             chunk_size=self.chunk_size,
+            decay=self.decay,
         )
         return config
 
