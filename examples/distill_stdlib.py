@@ -105,6 +105,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-decay", dest="decay", action="store_false",
                         help="linear attention without the learned per-head decay")
+    parser.add_argument("--rates", type=float, nargs=3, default=(1e-2, 3e-4, 3e-4),
+                        metavar=("TRANSFER", "LINEAR", "MAMBA2"),
+                        help="peak AdamW learning rates of the three distillation stages")
     parser.add_argument("--skip-baselines", action="store_true",
                         help="stop after the student (run again without it to add them)")
     args = parser.parse_args()
@@ -135,7 +138,7 @@ def main():
 
     teacher = phase(args.out, "teacher", train_teacher, log)
     student_budget = cfg["stage1_tokens"] + cfg["stage2_tokens"]
-    rates = {"attention_transfer": 1e-2, "linear_attention": 3e-4, "mamba2": 3e-4}
+    rates = dict(zip(("attention_transfer", "linear_attention", "mamba2"), args.rates))
 
     def distil():
         distiller = Distiller(teacher, student="mamba2", chunk_size=64, decay=args.decay)

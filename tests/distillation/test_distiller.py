@@ -161,8 +161,12 @@ def test_naive_baseline_and_linear_attention_only_students():
                                                              chunk_size=8))
     naive = Distiller(teacher(), student=fresh, ce_weight=0.0)
     assert naive.stages == ("mamba2",) and naive.student is fresh
-    histories = naive.fit(data, stage_tokens=(0, 2 * 4 * LENGTH), batch_size=4, verbose=0)
+    seen = []
+    counter = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: seen.append(b))
+    histories = naive.fit(data, stage_tokens=(0, 2 * 4 * LENGTH), batch_size=4, verbose=0,
+                          callbacks=[counter])
     assert set(histories["mamba2"].history) == {"loss", "kl"}
+    assert len(seen) == 2  # the user's callbacks see every step
     with pytest.raises(ValueError, match="stage 1 tokens must be 0"):
         naive.fit(data, stage_tokens=(10, 10), verbose=0)
 
