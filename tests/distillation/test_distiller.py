@@ -154,6 +154,35 @@ def test_one_call_fit_checkpoints_and_resumes(tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+class _Interrupt(keras.callbacks.Callback):
+    """Stands in for a kill: raises at the start of the given epoch."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path):
+    data = sequences(32)
+    checkpoints = str(tmp_path / "run")
+    budget = {"attention_transfer": 3 * 4 * LENGTH}
+    first = Distiller(teacher(), student="linear_attention", chunk_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(data, stage_tokens=budget, batch_size=4, checkpoint_dir=checkpoints,
+                  checkpoint_every=1, callbacks=[_Interrupt(2)], verbose=0)
+    assert os.path.isdir(os.path.join(checkpoints, "backup_attention_transfer"))
+    # Epochs 0 and 1 were checkpointed: the rerun only trains epoch 2.
+    second = Distiller(teacher(), student="linear_attention", chunk_size=8)
+    histories = second.fit(data, stage_tokens=budget, batch_size=4, checkpoint_dir=checkpoints,
+                           checkpoint_every=1, verbose=0)
+    assert len(histories["attention_transfer"].history["loss"]) == 1
+    assert not os.path.exists(os.path.join(checkpoints, "backup_attention_transfer"))
+
+
 def test_naive_baseline_and_linear_attention_only_students():
     data = sequences()
     keras.utils.set_random_seed(3)
