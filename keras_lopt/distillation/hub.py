@@ -7,8 +7,7 @@ every weight, so that a keras-hub teacher can be distilled. keras-hub itself
 is only needed to build the source model; nothing here imports it.
 """
 
-import keras
-
+from keras_lopt.distillation.convert import _assign
 from keras_lopt.models.causal_lm import TransformerLM
 
 SUPPORTED = ("GPT2Backbone", "GPT2CausalLM", "LlamaBackbone", "LlamaCausalLM")
@@ -22,23 +21,32 @@ def _is(model, class_name):
     return any(cls.__name__ == class_name for cls in type(model).__mro__)
 
 
-def _set(variable, value, what):
-    value = keras.ops.convert_to_numpy(value)
-    if tuple(value.shape) != tuple(variable.shape):
-        raise ValueError(f"Cannot copy {what}: shape {tuple(value.shape)} does not fit "
-                         f"{tuple(variable.shape)}.")
-    variable.assign(value)
-
-
 def _copy_attention(source, target):
     pairs = [("_query_dense", "query"), ("_key_dense", "key"), ("_value_dense", "value"),
              ("_output_dense", "output_kernel")]
     for src, dst in pairs:
         dense = getattr(source, src)
-        _set(getattr(target, dst), dense.kernel, f"{dense.path} kernel")
+        _assign(getattr(target, dst), dense.kernel, f"{dense.path} kernel")
         if target.use_bias:
             name = "output_bias" if dst == "output_kernel" else f"{dst}_bias"
-            _set(getattr(target, name), dense.bias, f"{dense.path} bias")
+            _assign(getattr(target, name), dense.bias, f"{dense.path} bias")
+
+
+# Our block's sublayer -> the keras-hub decoder layer's, per architecture.
+GPT2_BLOCK = {"mixer_norm": "_self_attention_layer_norm", "mlp_norm": "_feedforward_layer_norm",
+              "mlp_in": "_feedforward_intermediate_dense",
+              "mlp_out": "_feedforward_output_dense"}
+LLAMA_BLOCK = {"mixer_norm": "_self_attention_layernorm", "mlp_norm": "_feedforward_layernorm",
+               "mlp_in": "_feedforward_intermediate_dense",
+               "mlp_gate": "_feedforward_gate_dense", "mlp_out": "_feedforward_output_dense"}
+
+
+def _copy_blocks(backbone, lm, names):
+    for layer, block in zip(backbone.transformer_layers, lm.blocks):
+        _copy_attention(layer._self_attention_layer, block.mixer)
+        for ours, theirs in names.items():
+            getattr(block, ours).set_weights(getattr(layer, theirs).get_weights())
+    lm.final_norm.set_weights(backbone.layer_norm.get_weights())
 
 
 def _from_gpt2(backbone):
@@ -52,13 +60,7 @@ def _from_gpt2(backbone):
     lm.build()
     lm.token_embedding.set_weights([backbone.token_embedding.embeddings])
     lm.position_embedding.set_weights(backbone.position_embedding.get_weights())
-    for layer, block in zip(backbone.transformer_layers, lm.blocks):
-        _copy_attention(layer._self_attention_layer, block.mixer)
-        block.mixer_norm.set_weights(layer._self_attention_layer_norm.get_weights())
-        block.mlp_norm.set_weights(layer._feedforward_layer_norm.get_weights())
-        block.mlp_in.set_weights(layer._feedforward_intermediate_dense.get_weights())
-        block.mlp_out.set_weights(layer._feedforward_output_dense.get_weights())
-    lm.final_norm.set_weights(backbone.layer_norm.get_weights())
+    _copy_blocks(backbone, lm, GPT2_BLOCK)
     return lm
 
 
@@ -85,14 +87,7 @@ def _from_llama(backbone):
     lm.token_embedding.set_weights([embedding.embeddings])
     if lm.lm_head is not None:
         lm.lm_head.set_weights([embedding.reverse_embeddings])
-    for layer, block in zip(backbone.transformer_layers, lm.blocks):
-        _copy_attention(layer._self_attention_layer, block.mixer)
-        block.mixer_norm.set_weights(layer._self_attention_layernorm.get_weights())
-        block.mlp_norm.set_weights(layer._feedforward_layernorm.get_weights())
-        block.mlp_in.set_weights(layer._feedforward_intermediate_dense.get_weights())
-        block.mlp_gate.set_weights(layer._feedforward_gate_dense.get_weights())
-        block.mlp_out.set_weights(layer._feedforward_output_dense.get_weights())
-    lm.final_norm.set_weights(backbone.layer_norm.get_weights())
+    _copy_blocks(backbone, lm, LLAMA_BLOCK)
     return lm
 
 
