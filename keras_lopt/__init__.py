@@ -7,7 +7,7 @@ the Keras backend before Keras is imported.
 import importlib
 
 __version__ = "0.1.0"
-_SUBPACKAGES = ("optimizers", "meta", "layers", "models", "distillation")
+_SUBPACKAGES = ("optimizers", "callbacks", "meta", "layers", "models", "distillation")
 
 
 def __getattr__(name):

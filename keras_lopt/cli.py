@@ -18,8 +18,10 @@ def _parser():
     defaults = MetaTrainConfig()
     parser = argparse.ArgumentParser(prog="keras-lopt", description="keras-lopt tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    mt = sub.add_parser("meta-train", help="meta-train Celo2 / Celo2-base weights with PES")
-    mt.add_argument("--rule", choices=["celo2", "celo2_base"], default=defaults.rule)
+    mt = sub.add_parser("meta-train", help="meta-train Celo2 / Celo2-base / Celo weights with PES")
+    mt.add_argument("--rule", choices=["celo2", "celo2_base", "celo"], default=defaults.rule)
+    mt.add_argument("--phase", type=int, choices=[1, 2], default=defaults.phase,
+                    help="celo only: 1 trains the MLP, 2 the scheduler (needs --init-weights)")
     mt.add_argument("--out", required=True, help="output directory")
     mt.add_argument("--iterations", type=int, required=True, help="outer iterations to reach")
     mt.add_argument("--seed", type=int, default=defaults.seed)
@@ -56,6 +58,7 @@ def main(argv=None):
 
     config = MetaTrainConfig(
         rule=args.rule,
+        phase=args.phase,
         seed=args.seed,
         pairs_per_family=args.pairs_per_family,
         truncation=args.truncation,

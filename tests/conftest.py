@@ -31,6 +31,22 @@ def reference():
     }
 
 
+@pytest.fixture(scope="session")
+def celo_reference():
+    """The authors' Celo v1 numbers and released weights; skips when absent."""
+    path = reference_dir()
+    cases = os.path.join(path, "celo_cases.npz")
+    if not os.path.exists(cases):
+        pytest.skip(
+            f"Celo reference data not found at {os.path.abspath(path)} "
+            "(set KERAS_LOPT_REFERENCE_DIR or place ../shared/reference beside the repo)"
+        )
+    return {
+        "cases": np.load(cases),
+        "theta_path": os.path.join(path, "celo_theta.state"),
+    }
+
+
 def backend():
     return keras.backend.backend()
 

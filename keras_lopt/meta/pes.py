@@ -17,8 +17,9 @@ import math
 import numpy as np
 
 from keras_lopt.optimizers import celo2_rule
+from keras_lopt.optimizers import celo_rule
 
-RULES = ("celo2", "celo2_base")
+RULES = ("celo2", "celo2_base", "celo")
 
 
 @dataclasses.dataclass
@@ -27,7 +28,12 @@ class MetaTrainConfig:
 
     Args:
         rule: `"celo2"` (orthogonalised rule on matrices, Adam branch on
-            vectors) or `"celo2_base"` (the rule on every tensor).
+            vectors), `"celo2_base"` (the rule on every tensor) or `"celo"`
+            (Celo v1: MLP plus learned LSTM scheduler on every tensor).
+        phase: Celo only. `1` meta-trains the MLP with no scheduler
+            (`lr_mult = 1`); `2` freezes the MLP (from `init_weights`) and
+            meta-trains the scheduler. Inner runs then hand their raw
+            training loss and horizon to the rule.
         seed: seeds everything; equal seeds give identical runs.
         pairs_per_family: antithetic pairs per task family.
         truncation: inner steps per outer iteration.
@@ -47,6 +53,7 @@ class MetaTrainConfig:
     """
 
     rule: str = "celo2"
+    phase: int = 1
     seed: int = 0
     pairs_per_family: int = 8
     truncation: int = 50
@@ -75,6 +82,13 @@ class MetaTrainConfig:
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}; received {self.rule!r}.")
+        if self.phase not in (1, 2):
+            raise ValueError(f"phase must be 1 or 2; received {self.phase!r}.")
+        if self.rule == "celo" and self.phase == 2 and not self.init_weights:
+            raise ValueError(
+                "Celo phase 2 trains the scheduler on a frozen phase-1 MLP: "
+                "pass init_weights (the phase-1 theta.npz)."
+            )
         if self.pairs_per_family < 1 or self.truncation < 1:
             raise ValueError("pairs_per_family and truncation must be >= 1.")
         if not 1 <= self.min_horizon <= self.max_horizon:
@@ -93,14 +107,15 @@ def require_jax():
 
 
 class PESMetaTrainer:
-    """Meta-trains Celo2 meta-weights with truncated PES on task families.
+    """Meta-trains Celo2 or Celo meta-weights with truncated PES on task families.
 
     Args:
         config: a `MetaTrainConfig`.
         families: list of `TaskFamily` objects; defaults to those named in
             `config.families`.
         theta: initial meta-weights; defaults to `config.init_weights` when
-            set, else to `celo2_rule.init_theta(seed)`.
+            set, else to the rule's `init_theta(seed)`. For Celo, only the
+            phase's part (MLP or scheduler) is trained; the rest is frozen.
 
     Example:
 
@@ -125,8 +140,18 @@ class PESMetaTrainer:
         if theta is None and config.init_weights:
             from keras_lopt.optimizers.checkpoints import load_theta
 
-            theta = load_theta(config.init_weights)
-        self.theta0 = theta if theta is not None else celo2_rule.init_theta(config.seed)
+            module = None if config.rule == "celo" else "ff_mod_stack/~"
+            theta = load_theta(config.init_weights, module=module)
+        if theta is None:
+            init = celo_rule.init_theta if config.rule == "celo" else celo2_rule.init_theta
+            theta = init(config.seed)
+        # Meta-weights that PES perturbs and trains, and those held fixed.
+        if config.rule == "celo":
+            trained = celo_rule.MLP_KEYS if config.phase == 1 else celo_rule.SCHEDULER_KEYS
+        else:
+            trained = tuple(theta)
+        self.theta0 = {k: theta[k] for k in trained}
+        self.frozen = {k: np.asarray(v) for k, v in theta.items() if k not in trained}
         self.orthogonalize = config.rule == "celo2"
         devices = jax.devices()
         self.mesh = jax.sharding.Mesh(np.array(devices), ("pop",))
@@ -157,7 +182,7 @@ class PESMetaTrainer:
                 opt.append(celo2_rule.init_state(shape))
             else:
                 opt.append({"m": jnp.zeros(shape), "v": jnp.zeros(shape)})
-        return {
+        run = {
             "params": params,
             "opt": opt,
             "key": key,
@@ -165,6 +190,20 @@ class PESMetaTrainer:
             "horizon": jnp.floor(jnp.exp(log_t)).astype("int32"),
             "log_scale": log_s,
         }
+        if cfg.rule == "celo":
+            run["loss_buffer"] = celo_rule.init_loss_buffer()
+            # The learned initial state is taken from the (perturbed) theta
+            # at the first update of the run.
+            zeros = jnp.zeros((len(family.shapes), celo_rule.LSTM_SIZE))
+            run["lstm"] = {"hidden": zeros, "cell": zeros, "fresh": jnp.ones((), bool)}
+        return run
+
+    def _full_theta(self, theta):
+        import jax.numpy as jnp
+
+        full = {k: jnp.asarray(v) for k, v in self.frozen.items()}
+        full.update(theta)
+        return full
 
     def _inner_step(self, family, theta, run):
         import jax
@@ -181,6 +220,9 @@ class PESMetaTrainer:
             return family.loss([scale * p for p in params], x, y)
 
         loss, grads = jax.value_and_grad(loss_fn)(run["params"])
+        if cfg.rule == "celo":
+            run = self._celo_update(self._full_theta(theta), run, loss, grads)
+            return run, (family.normalized_loss(loss), reset)
         new_params, new_opt = [], []
         for p, g, st, route in zip(run["params"], grads, run["opt"], self._routes(family)):
             if route == "rule":
@@ -193,6 +235,35 @@ class PESMetaTrainer:
             new_opt.append(st)
         run = dict(run, params=new_params, opt=new_opt, t=run["t"] + 1)
         return run, (family.normalized_loss(loss), reset)
+
+    def _celo_update(self, theta, run, loss, grads):
+        """One Celo update of a run: loss buffer, scheduler, per-tensor MLP."""
+        import jax.numpy as jnp
+
+        n = len(grads)
+        if self.config.phase == 1:
+            lr_mult = jnp.ones((n,))
+            lstm, buffer = run["lstm"], run["loss_buffer"]
+        else:
+            decays = celo_rule.loss_decays(run["horizon"])
+            features, buffer = celo_rule.update_loss_buffer(run["loss_buffer"], loss, decays)
+            inputs = celo_rule.scheduler_inputs(run["t"], run["horizon"], features, n)
+            fresh = run["lstm"]["fresh"]
+            init_hidden, init_cell = celo_rule.init_lstm_state(theta, n)
+            hidden = jnp.where(fresh, init_hidden, run["lstm"]["hidden"])
+            cell = jnp.where(fresh, init_cell, run["lstm"]["cell"])
+            lr_mult, _, hidden, cell = celo_rule.scheduler_step(theta, hidden, cell, inputs)
+            lstm = {"hidden": hidden, "cell": cell, "fresh": jnp.zeros((), bool)}
+        mlp = celo_rule.mix_mlp(theta)
+        new_params, new_opt = [], []
+        for i, (p, g, st) in enumerate(zip(run["params"], grads, run["opt"])):
+            delta, st = celo_rule.celo_step(mlp, st, g, p)
+            new_params.append(p - lr_mult[i] * delta)
+            new_opt.append(st)
+        return dict(
+            run, params=new_params, opt=new_opt, t=run["t"] + 1,
+            loss_buffer=buffer, lstm=lstm,
+        )
 
     # ----------------------------------------------------------- population
     def _init_population(self, family, key):
@@ -358,4 +429,7 @@ class PESMetaTrainer:
         return self._outer_step(state)
 
     def theta_numpy(self, state):
-        return {k: np.asarray(v) for k, v in state["theta"].items()}
+        """The full meta-weights (trained and frozen) as NumPy arrays."""
+        theta = {k: np.asarray(v) for k, v in self.frozen.items()}
+        theta.update({k: np.asarray(v) for k, v in state["theta"].items()})
+        return theta

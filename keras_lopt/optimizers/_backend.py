@@ -53,3 +53,41 @@ def means(values, axes):
         values, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), dims
     )
     return [jax.numpy.reshape(s, shape) / count for s in sums]
+
+
+def jax_train_step_feeding_loss(model, optimizer):
+    """A JAX `train_step` that hands the batch loss to `optimizer.feed_loss`.
+
+    Keras's JAX `train_step` computes the loss inside `jax.value_and_grad`
+    and calls the optimizer right after, with nothing in between: a loss
+    captured inside the gradient transformation cannot be used outside it.
+    This is that same `train_step` with one line added before the update.
+    """
+    import jax
+    from keras.utils import unpack_x_y_sample_weight
+
+    def train_step(state, data):
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
+        x, y, sample_weight = unpack_x_y_sample_weight(data)
+        grad_fn = jax.value_and_grad(model.compute_loss_and_updates, has_aux=True)
+        (_, aux), grads = grad_fn(
+            trainable,
+            non_trainable,
+            metrics_vars,
+            x,
+            y,
+            sample_weight,
+            training=True,
+            optimizer_variables=optimizer_vars,
+        )
+        unscaled_loss, y_pred, non_trainable, metrics_vars = aux
+        optimizer.feed_loss(unscaled_loss)
+        trainable, optimizer_vars = model.optimizer.stateless_apply(
+            optimizer_vars, grads, trainable
+        )
+        logs, metrics_vars = model._update_metrics_variables(
+            metrics_vars, unscaled_loss, x, y, y_pred, sample_weight
+        )
+        return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+    return train_step

@@ -140,90 +140,94 @@ def newton_schulz(x, steps=NS_STEPS):
 
 
 def _first_layer_blocks(theta):
-    """Row blocks of the first layer, one `(width, 8)` tensor per group."""
+    """Row blocks of the first layer, one `(width, hidden)` tensor per group."""
     return [ops.convert_to_tensor(theta[f"w0__{k}"]) for k in range(len(FEATURE_WIDTHS))]
 
 
-def _mlp_matmul(elem, elem_scale, w_elem, bias, theta, ws, rank):
+def _mlp_matmul(elem, elem_scale, w_elem, bias, mlp, ws, lead, columns):
     """The MLP as three matmuls over a stacked `(..., channels)` tensor."""
     n_elem = len(elem)
-    lead = ws[:-2] if rank >= 2 else ()
     slice_size = int(np.prod(ws[len(lead):]))
+    hidden_size = int(w_elem.shape[-1])
     x = ops.reshape(ops.stack(elem, axis=-1), lead + (slice_size, n_elem))
     scale = ops.reshape(ops.stack(elem_scale, axis=-1), lead + (n_elem, 1))
-    hidden = ops.reshape(ops.matmul(x, scale * w_elem), ws + (HIDDEN_SIZE,))
+    hidden = ops.reshape(ops.matmul(x, scale * w_elem), ws + (hidden_size,))
     hidden = ops.relu(hidden + bias)
-    hidden = ops.relu(
-        ops.matmul(hidden, ops.convert_to_tensor(theta["w1"]))
-        + ops.convert_to_tensor(theta["b1"])
-    )
-    w2 = ops.convert_to_tensor(theta["w2"])
-    return ops.matmul(hidden, w2[:, 0]) + ops.convert_to_tensor(theta["b2"])[0]
+    hidden = ops.relu(ops.matmul(hidden, mlp["w1"]) + mlp["b1"])
+    out = ops.matmul(hidden, mlp["w2"]) + mlp["b2"]
+    return [out[..., c] for c in columns]
 
 
-def _mlp_elementwise(elem, elem_scale, w_elem, bias, theta):
+def _mlp_elementwise(elem, elem_scale, w_elem, bias, mlp, columns):
     """The MLP unrolled into element-wise multiply-adds (one XLA fusion)."""
-    w1 = ops.convert_to_tensor(theta["w1"])
-    w2 = ops.convert_to_tensor(theta["w2"])
-    b1 = ops.convert_to_tensor(theta["b1"])
+    w1, b1, w2, b2 = mlp["w1"], mlp["b1"], mlp["w2"], mlp["b2"]
+    hidden_size = int(w1.shape[0])
     h1 = []
-    for j in range(HIDDEN_SIZE):
+    for j in range(hidden_size):
         acc = bias[..., j]
         for c, x in enumerate(elem):
             acc = acc + x * (elem_scale[c] * w_elem[c, j])
         h1.append(ops.relu(acc))
-    out = ops.convert_to_tensor(theta["b2"])[0]
-    for k in range(HIDDEN_SIZE):
+    outs = [b2[c] for c in columns]
+    for k in range(hidden_size):
         acc = b1[k]
-        for j in range(HIDDEN_SIZE):
+        for j in range(hidden_size):
             acc = acc + h1[j] * w1[j, k]
-        out = out + ops.relu(acc) * w2[k, 0]
-    return out
+        h2 = ops.relu(acc)
+        outs = [o + h2 * w2[k, c] for o, c in zip(outs, columns)]
+    return outs
 
 
-def celo2_step(theta, state, grad, param, orthogonalize=True):
-    """One Celo2 step for one tensor.
+def learned_mlp(
+    state,
+    g,
+    p,
+    mlp,
+    columns,
+    rms_decay,
+    rho_eps,
+    norm_axes,
+    norm_eps,
+    full_width_unfactored,
+):
+    """Accumulators, features and the per-element MLP shared by Celo and Celo2.
+
+    `g` and `p` are float32 in the working shape, `g` already clipped.
 
     Args:
-        theta: dict of meta-weights (`THETA_SHAPES`), arrays or tensors.
-        state: dict of accumulators as made by `init_state(param.shape)`.
-        grad: the gradient, any float dtype; computed in float32.
-        param: the current parameter value.
-        orthogonalize: apply Newton-Schulz to tensors of rank >= 2 (Celo2);
-            `False` gives Celo2-base.
+        state: the per-tensor accumulators (`init_state`).
+        mlp: dict with the 14 `w0__k` blocks, `b0`, `w1`, `b1`, `w2`, `b2`.
+        columns: which MLP outputs to return.
+        rms_decay, rho_eps: second-moment decay and the eps of
+            `rho = rsqrt(v + eps)`.
+        norm_axes: axes of the per-channel input normalisation.
+        norm_eps: its eps: `x * rsqrt(mean(x^2) + eps)`.
+        full_width_unfactored: give rank-0/1 tensors feature groups 9-13
+            built from their full accumulators (Celo) instead of dropping
+            them (Celo2).
 
     Returns:
-        `(step, new_state)`: `step` has the parameter's shape, float32 and
-        unit RMS over its last two axes; the parameter update is
-        `param - lr * step` (plus decoupled weight decay).
+        `(outputs, new_state)`: one tensor per requested column.
     """
-    shape = tuple(grad.shape)
-    ws = working_shape(shape)
+    ws = tuple(g.shape)
     rank = len(ws)
-    axes = _norm_axes(rank)
-    g = ops.reshape(ops.cast(grad, "float32"), ws)
-    p = ops.reshape(ops.cast(param, "float32"), ws)
-    g = ops.clip(g, -GRAD_CLIP, GRAD_CLIP)
-
     mom_decay = _decays(MOMENTUM_DECAYS, rank)
     fac_decay = _decays(ADAFACTOR_DECAYS, rank)
     g3 = ops.expand_dims(g, 0)
     mom = mom_decay * state["mom"] + (1.0 - mom_decay) * g3
-    rms = RMS_DECAY * state["rms"] + (1.0 - RMS_DECAY) * ops.square(g)
+    rms = rms_decay * state["rms"] + (1.0 - rms_decay) * ops.square(g)
     q3 = ops.expand_dims(ops.square(g) + 1e-30, 0)
-    rho = ops.rsqrt(rms + 1e-8)
+    rho = ops.rsqrt(rms + rho_eps)
 
     new_state = {"mom": mom, "rms": rms}
-    # Element-wise channels (those of the full shape) and broadcast channels
-    # (row/column statistics), each with its first-layer row block.
-    blocks = _first_layer_blocks(theta)
+    blocks = _first_layer_blocks(mlp)
     # Each element-wise channel comes with its square written differently
     # from the channel itself, so that XLA computes the normalisers from
     # the state directly instead of materialising every channel for both
     # the reduction and the MLP.
     g2 = ops.square(g)
     mom2 = ops.square(mom)
-    inv_v = 1.0 / (rms + 1e-8)
+    inv_v = 1.0 / (rms + rho_eps)
     elem = [g, ops.clip(g, -0.1, 0.1), p]
     elem_sq = [g2, ops.minimum(g2, 0.01), ops.square(p)]
     elem += [mom[i] for i in range(3)]
@@ -244,7 +248,18 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
         elem_sq += [g2 / ops.maximum(v_diag[i] + 1e-9, 1e-9) for i in range(3)]
         elem += [g * rho]
         elem_sq += [g2 * inv_v]
-        weights = ops.concatenate(blocks[:UNFACTORED_GROUPS], axis=0)
+        if full_width_unfactored:
+            inv_fac = ops.rsqrt(v_diag + 1e-8)
+            elem += [v_diag[i] for i in range(3)] * 2
+            elem_sq += [ops.square(v_diag[i]) for i in range(3)] * 2
+            elem += [inv_fac[i] for i in range(3)] * 2
+            elem_sq += [1.0 / (v_diag[i] + 1e-8) for i in range(3)] * 2
+            elem += [mom[i] * ops.rsqrt(v_diag[i]) for i in range(3)]
+            elem_sq += [mom2[i] / v_diag[i] for i in range(3)]
+            n_rows = 30
+        else:
+            n_rows = 15
+        elem_rows = list(range(n_rows))
     else:
         d0, d1 = dims
         fac_decay = _decays(ADAFACTOR_DECAYS, rank - 1)
@@ -277,31 +292,67 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
         bcast += [ops.rsqrt(col[i] + 1e-8) for i in range(3)]
         elem += [mom[i] * r[i] * c[i] for i in range(3)]
         elem_sq += [mom2[i] * r2[i] * c2[i] for i in range(3)]
-        weights = ops.concatenate(blocks, axis=0)
-
-    # Order of rows in `weights`: groups 0..8 are element-wise (15 rows),
-    # 9..12 are broadcast (12 rows), 13 is element-wise again (3 rows).
-    if bcast:
+        n_rows = 30
+        # Rows 0..14 and 27..29 of the first layer are element-wise, rows
+        # 15..26 (groups 9..12) are row/column statistics.
         elem_rows = list(range(15)) + list(range(27, 30))
-        bcast_rows = list(range(15, 27))
-    else:
-        elem_rows = list(range(15))
-        bcast_rows = []
+    weights = ops.concatenate(blocks, axis=0)[:n_rows]
+    bcast_rows = list(range(15, 27)) if bcast else []
 
     # Input normalisation is a per-slice scale of each channel; fold it into
     # the first-layer weights instead of rescaling every element.
-    elem_scale = [ops.rsqrt(ms + 1e-9) for ms in means(elem_sq, axes)]
+    elem_scale = [ops.rsqrt(ms + norm_eps) for ms in means(elem_sq, norm_axes)]
     w_elem = ops.take(weights, elem_rows, axis=0)
-    bcast_hidden = 0.0
+    bias = ops.convert_to_tensor(mlp["b0"])
     for k, row_index in enumerate(bcast_rows):
         ch = bcast[k]
-        bcast_hidden = bcast_hidden + ops.expand_dims(ch * _inv_rms(ch, axes), -1) * weights[row_index]
-    b0 = ops.convert_to_tensor(theta["b0"])
+        bias = bias + ops.expand_dims(
+            ch * _inv_rms(ch, norm_axes, norm_eps), -1
+        ) * weights[row_index]
+    mlp = {k: ops.convert_to_tensor(mlp[k]) for k in ("w1", "b1", "w2", "b2")}
     if compiles_elementwise_fusions():
-        direction = _mlp_elementwise(elem, elem_scale, w_elem, bcast_hidden + b0, theta)
+        outputs = _mlp_elementwise(elem, elem_scale, w_elem, bias, mlp, columns)
     else:
-        direction = _mlp_matmul(elem, elem_scale, w_elem, bcast_hidden + b0, theta, ws, rank)
+        lead = ws[: rank - len(norm_axes)]
+        outputs = _mlp_matmul(elem, elem_scale, w_elem, bias, mlp, ws, lead, columns)
+    return outputs, new_state
 
+
+def celo2_step(theta, state, grad, param, orthogonalize=True):
+    """One Celo2 step for one tensor.
+
+    Args:
+        theta: dict of meta-weights (`THETA_SHAPES`), arrays or tensors.
+        state: dict of accumulators as made by `init_state(param.shape)`.
+        grad: the gradient, any float dtype; computed in float32.
+        param: the current parameter value.
+        orthogonalize: apply Newton-Schulz to tensors of rank >= 2 (Celo2);
+            `False` gives Celo2-base.
+
+    Returns:
+        `(step, new_state)`: `step` has the parameter's shape, float32 and
+        unit RMS over its last two axes; the parameter update is
+        `param - lr * step` (plus decoupled weight decay).
+    """
+    shape = tuple(grad.shape)
+    ws = working_shape(shape)
+    rank = len(ws)
+    axes = _norm_axes(rank)
+    g = ops.reshape(ops.cast(grad, "float32"), ws)
+    p = ops.reshape(ops.cast(param, "float32"), ws)
+    g = ops.clip(g, -GRAD_CLIP, GRAD_CLIP)
+    (direction,), new_state = learned_mlp(
+        state,
+        g,
+        p,
+        theta,
+        columns=(0,),
+        rms_decay=RMS_DECAY,
+        rho_eps=1e-8,
+        norm_axes=axes,
+        norm_eps=1e-9,
+        full_width_unfactored=False,
+    )
     if orthogonalize and rank >= 2:
         direction = newton_schulz(direction)
     direction = direction * _inv_rms(direction, axes)

@@ -85,7 +85,8 @@ def load_theta(source, module="ff_mod_stack/~"):
         source: a path to a `.state` file (authors' format) or a `.npz` file
             (keras-lopt's format), or a mapping from names to arrays.
         module: in the authors' format, the sub-tree holding the weights;
-            names are returned relative to it.
+            names are returned relative to it. `None` keeps the whole tree
+            with '/'-joined paths as names.
 
     Returns:
         A dict of float32 NumPy arrays.
@@ -108,6 +109,8 @@ def load_theta(source, module="ff_mod_stack/~"):
                 )
         else:
             flat = read_flax_state(path)
+            if module is None:
+                return {k: np.asarray(v, dtype="float32") for k, v in flat.items()}
             prefix = module.rstrip("/") + "/"
             theta = {
                 k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)

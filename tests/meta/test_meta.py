@@ -332,3 +332,67 @@ def test_regression_family_and_init_weights(tmp_path):
     trainer = PESMetaTrainer(tiny_config(init_weights=path), families=tiny_families())
     for k in theta:
         np.testing.assert_array_equal(trainer.theta0[k], theta[k])
+
+
+@jax_only
+def test_celo_inner_steps_are_the_keras_optimizer_steps():
+    """Celo's inner runs hand their loss and horizon to the same rule that
+    `Celo.apply(..., loss=)` runs: three steps agree, scheduler included."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_lopt.meta.pes import PESMetaTrainer
+    from keras_lopt.optimizers import Celo
+    from keras_lopt.optimizers import celo_rule
+
+    theta = celo_rule.init_theta(seed=2)
+    rng = np.random.default_rng(0)
+    # A scheduler that reacts to its inputs, so lr_mult differs from 1.
+    theta["rnn_params/step_size/w"] = rng.normal(0, 0.3, (64, 1)).astype("float32")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "celo_inner_theta.npz")
+    from keras_lopt.optimizers import save_theta
+
+    save_theta(path, theta, "celo")
+    trainer = PESMetaTrainer(
+        tiny_config(rule="celo", phase=2, init_weights=path, min_horizon=50, max_horizon=50),
+        families=tiny_families(),
+    )
+    family = trainer.families[0]
+    run = trainer._init_run(family, jax.random.PRNGKey(0))
+    run["log_scale"] = jnp.zeros(())
+    opt = Celo(weights=theta, total_steps=int(run["horizon"]))
+    variables = [keras.Variable(np.asarray(p)) for p in run["params"]]
+    trained = {k: jnp.asarray(theta[k]) for k in celo_rule.SCHEDULER_KEYS}
+    for _ in range(3):
+        x, y = family.sample_batch(jax.random.fold_in(run["key"], run["t"]))
+        loss, grads = jax.value_and_grad(lambda ps: family.loss(ps, x, y))(run["params"])
+        run, _ = trainer._inner_step(family, trained, run)
+        opt.apply(list(grads), variables, loss=loss)
+        for v, p in zip(variables, run["params"]):
+            np.testing.assert_allclose(np.asarray(v.value), np.asarray(p), rtol=0, atol=1e-6)
+    assert abs(opt.lr_mult - 1.0) > 1e-3
+
+
+@jax_only
+def test_celo_two_phases_train_their_own_half(tmp_path):
+    from keras_lopt.meta.train import meta_train
+    from keras_lopt.optimizers import Celo
+    from keras_lopt.optimizers import celo_rule
+
+    with pytest.raises(ValueError, match="init_weights"):
+        tiny_config(rule="celo", phase=2)
+    start = celo_rule.init_theta(0)
+    one = meta_train(tiny_config(rule="celo", phase=1), str(tmp_path / "p1"), 2,
+                     families=tiny_families(), verbose=0)
+    for k in celo_rule.SCHEDULER_KEYS:
+        np.testing.assert_array_equal(one[k], start[k])
+    assert any(not np.array_equal(one[k], start[k]) for k in celo_rule.MLP_KEYS)
+    two = meta_train(
+        tiny_config(rule="celo", phase=2, init_weights=str(tmp_path / "p1" / "theta.npz")),
+        str(tmp_path / "p2"), 2, families=tiny_families(), verbose=0,
+    )
+    for k in celo_rule.MLP_KEYS:
+        np.testing.assert_array_equal(two[k], one[k])
+    assert any(not np.array_equal(two[k], one[k]) for k in celo_rule.SCHEDULER_KEYS)
+    # The written theta is complete: Celo loads it as is.
+    Celo(weights=str(tmp_path / "p2" / "theta.npz"), total_steps=10)

@@ -1,0 +1,90 @@
+"""Callbacks that connect loss-aware learned optimizers to `model.fit`."""
+
+import keras
+from keras import backend
+from keras import ops
+
+from keras_lopt.optimizers import _backend
+
+
+class FeedLossAndHorizon(keras.callbacks.Callback):
+    """Gives a loss-aware optimizer (`Celo`) each batch's loss and the horizon.
+
+    No Keras API hands an optimizer the loss or the length of the run. For
+    the duration of `fit`, this callback
+
+    * hands the loss of every training batch (the total loss the gradients
+      are taken of, before any loss scaling) to the update of that same
+      batch. On TensorFlow and torch it wraps the optimizer's `scale_loss`,
+      which every Keras `train_step` calls on the loss; on JAX, where that
+      loss lives inside `jax.value_and_grad`, it swaps in Keras's own JAX
+      `train_step` with the hand-over added. Works for Sequential,
+      Functional and subclassed models that keep Keras's `train_step`; a
+      custom `train_step` should call `optimizer.apply(grads, vars,
+      loss=loss)` itself;
+    * sets the optimizer's `T` to the number of updates at the end of this
+      `fit` (`epochs x steps per epoch`, divided by the gradient
+      accumulation steps, counting updates already done), unless the
+      optimizer was given `total_steps`. When `fit` cannot know the steps
+      per epoch (a generator without a length and no `steps_per_epoch`),
+      it raises an error asking for `total_steps`.
+
+    `LossScaleOptimizer` (e.g. the `mixed_float16` policy) is looked through.
+
+    Example:
+
+    >>> model.compile(optimizer=keras_lopt.optimizers.Celo(), loss="mse")
+    >>> model.fit(x, y, epochs=3, callbacks=[FeedLossAndHorizon()])
+    """
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        outer = model.optimizer
+        optimizer = getattr(outer, "inner_optimizer", outer)
+        if not hasattr(optimizer, "feed_loss"):
+            raise TypeError(
+                "FeedLossAndHorizon serves optimizers that take the loss "
+                f"(keras_lopt.optimizers.Celo); this model's optimizer is "
+                f"{type(optimizer).__name__}."
+            )
+        self._optimizer = optimizer
+        self._first_epoch = True
+        self._set_horizon = optimizer.total_steps is None
+        if backend.backend() == "jax":
+            model.train_step = _backend.jax_train_step_feeding_loss(model, optimizer)
+        else:
+            original = outer.scale_loss
+
+            def scale_loss(loss):
+                optimizer.feed_loss(loss)
+                return original(loss)
+
+            outer.scale_loss = scale_loss
+        model.make_train_function(force=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._first_epoch:
+            return
+        self._first_epoch = False
+        if not self._set_horizon:
+            return
+        steps = self.params.get("steps")
+        if not steps:
+            raise ValueError(
+                "`fit` does not know the number of steps per epoch (a dataset "
+                "or generator without a length?), so Celo's horizon T cannot "
+                "be derived. Pass `steps_per_epoch` to `fit`, or "
+                "`Celo(total_steps=T)`."
+            )
+        optimizer = self._optimizer
+        accumulation = optimizer.gradient_accumulation_steps or 1
+        # `iterations` counts updates (batches / accumulation steps).
+        done = int(ops.convert_to_numpy(optimizer.iterations))
+        remaining = (self.params["epochs"] - epoch) * steps // accumulation
+        optimizer.set_total_steps(max(1, done + remaining))
+
+    def on_train_end(self, logs=None):
+        model = self.model
+        vars(model).pop("train_step", None)
+        vars(model.optimizer).pop("scale_loss", None)
+        model.train_function = None
