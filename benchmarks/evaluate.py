@@ -42,7 +42,14 @@ What the numbers mean:
 
 Outputs, under `--out` (default `benchmarks/results`): `evaluate.md` (the
 tables, also printed), `evaluate.json` (configuration, every run's per-step
-loss curve, timings) and `evaluate.png` (smoothed curves, one panel per task).
+loss curve, timings), `evaluate.png` (smoothed curves, one panel per task)
+and, when Celo ran, `evaluate_lr_mult.png` (its learned multiplier per step).
+
+Celo (`celo`: keras-lopt's weights; `celo_released`: the authors' released
+`celo_theta.state`, registered when `../shared/reference` holds it) is
+untuned like Celo2: it gets `total_steps = --steps` and each batch's loss
+through `FeedLossAndHorizon.attach`, and runs with its learned schedule
+whatever `--schedule` says.
 """
 
 import argparse
@@ -65,6 +72,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import keras_lopt  # noqa: E402
+from keras_lopt.callbacks import FeedLossAndHorizon  # noqa: E402
 from eval_tasks import HEAD  # noqa: E402
 from eval_tasks import TASKS  # noqa: E402
 
@@ -83,19 +91,22 @@ class OptimizerSpec:
         make: `make(learning_rate)` returns a fresh optimizer; untuned
             optimizers get `None` and use their own default.
         tuned: sweep the `--lrs` grid and keep the best final loss.
+        loss_aware: `make(None, steps)` builds it for a run of `steps`
+            updates, and it is handed each batch's loss (Celo).
     """
 
     label: str
     make: Callable
     tuned: bool
+    loss_aware: bool = False
 
 
 OPTIMIZERS = {}
 
 
-def register_optimizer(name, label, make, tuned=False):
+def register_optimizer(name, label, make, tuned=False, loss_aware=False):
     """Adds an optimizer to the registry (and to the default selection)."""
-    OPTIMIZERS[name] = OptimizerSpec(label, make, tuned)
+    OPTIMIZERS[name] = OptimizerSpec(label, make, tuned, loss_aware)
 
 
 # The learned optimizers are untuned: `lr` is None, or a schedule that starts
@@ -122,8 +133,27 @@ register_optimizer(
     lambda lr: keras.optimizers.Muon(learning_rate=lr, exclude_layers=[HEAD]),
     tuned=True,
 )
-if hasattr(keras_lopt.optimizers, "Celo"):
-    register_optimizer("celo", "Celo", lambda lr: keras_lopt.optimizers.Celo())
+# Celo needs the run's length: `train` gives it `total_steps` and hands it
+# each batch's loss (`FeedLossAndHorizon.attach`). It runs at its default
+# multiplier 1 whatever `--schedule`: its schedule is the learned one.
+WEIGHTS["celo"] = None
+RELEASED_CELO = os.path.join(
+    os.environ.get("KERAS_LOPT_REFERENCE_DIR", os.path.join(HERE, "..", "..", "shared", "reference")),
+    "celo_theta.state",
+)
+register_optimizer(
+    "celo",
+    "Celo",
+    lambda lr, steps: keras_lopt.optimizers.Celo(weights=WEIGHTS["celo"], total_steps=steps),
+    loss_aware=True,
+)
+if os.path.exists(RELEASED_CELO):
+    register_optimizer(
+        "celo_released",
+        "Celo (released)",
+        lambda lr, steps: keras_lopt.optimizers.Celo(weights=RELEASED_CELO, total_steps=steps),
+        loss_aware=True,
+    )
 
 
 # --- metrics ---------------------------------------------------------------
@@ -201,10 +231,13 @@ def train(task, spec, learning_rate, steps, seed, schedule="constant"):
         lr = learning_rate
         if schedule == "cosine":
             lr = keras.optimizers.schedules.CosineDecay(learning_rate or UNTUNED_LR, steps)
-        optimizer = spec.make(lr)
+        loss_aware = spec.loss_aware
+        optimizer = spec.make(None, steps) if loss_aware else spec.make(lr)
         model.compile(optimizer=optimizer, loss=task.loss)
+        if loss_aware:
+            FeedLossAndHorizon.attach(model)
         run["learning_rate"] = float(f"{keras.ops.convert_to_numpy(optimizer.learning_rate):.6g}")
-        run.update(fit(model, task, steps, seed))
+        run.update(fit(model, task, steps, seed, record_lr_mult=loss_aware))
         if math.isfinite(run["losses"][-1]):
             x, y = task.heldout
             logs = model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)
@@ -216,14 +249,19 @@ def train(task, spec, learning_rate, steps, seed, schedule="constant"):
     return run
 
 
-def fit(model, task, steps, seed):
-    """Runs `train_on_batch` over the task's batches, timing each phase."""
-    losses = []
+def fit(model, task, steps, seed, record_lr_mult=False):
+    """Runs `train_on_batch` over the task's batches, timing each phase.
+
+    With `record_lr_mult`, also records Celo's learned multiplier per step.
+    """
+    losses, lr_mults = [], []
     start = time.perf_counter()
     first_step_s = math.nan
     for x, y in task.batches(steps, seed):
         logs = model.train_on_batch(x, y, return_dict=True)
         losses.append(float(logs["loss"]))
+        if record_lr_mult:
+            lr_mults.append(model.optimizer.lr_mult)
         if len(losses) == 1:
             first_step_s = time.perf_counter() - start
             start = time.perf_counter()
@@ -232,7 +270,10 @@ def fit(model, task, steps, seed):
     later = len(losses) - 1
     step_s = (time.perf_counter() - start) / later if later else math.nan
     losses += [math.nan] * (steps - len(losses))
-    return {"losses": losses, "first_step_s": first_step_s, "step_s": step_s}
+    out = {"losses": losses, "first_step_s": first_step_s, "step_s": step_s}
+    if record_lr_mult:
+        out["lr_mult"] = lr_mults
+    return out
 
 
 def evaluate_task(task, names, lrs, steps, seed, schedule="constant"):
@@ -409,6 +450,37 @@ def plot(results, path):
     plt.close(fig)
 
 
+def plot_lr_mult(results, path):
+    """Celo's learned multiplier per step, one panel per task; `None` if no
+    run recorded one."""
+    curves = {
+        task_name: {
+            OPTIMIZERS[name].label: best_run(task_result, name)["lr_mult"]
+            for name in task_result["runs"]
+            if "lr_mult" in best_run(task_result, name)
+        }
+        for task_name, task_result in results["tasks"].items()
+    }
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (task_name, by_label) in zip(axes.flat, curves.items()):
+        for label, values in by_label.items():
+            ax.plot(np.arange(1, len(values) + 1), values, label=label)
+        ax.set(title=task_name, xlabel="step", ylabel="learned lr_mult")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def jsonable(obj):
     """Replaces non-finite floats by None so the file is strict JSON."""
     if isinstance(obj, float):
@@ -443,6 +515,7 @@ def parse_args(argv):
     parser.add_argument("--celo2-weights", help="meta-weights file for Celo2 (default: shipped)")
     parser.add_argument("--celo2-base-weights",
                         help="meta-weights file for Celo2Base (default: shipped)")
+    parser.add_argument("--celo-weights", help="meta-weights file for Celo (default: shipped)")
     parser.add_argument("--quick", action="store_true", help="tiny budget for smoke tests")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
@@ -453,7 +526,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    WEIGHTS.update(celo2=args.celo2_weights, celo2_base=args.celo2_base_weights)
+    WEIGHTS.update(celo2=args.celo2_weights, celo2_base=args.celo2_base_weights,
+                   celo=args.celo_weights)
     start = time.perf_counter()
     results = {
         "config": {
@@ -462,6 +536,7 @@ def main(argv=None):
             "schedule": args.schedule,
             "celo2_weights": args.celo2_weights or "shipped",
             "celo2_base_weights": args.celo2_base_weights or "shipped",
+            "celo_weights": args.celo_weights or "shipped",
             "smoothing_window": smoothing_window(args.steps),
             "python": platform.python_version(), "keras": keras.__version__,
         },
@@ -482,6 +557,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "evaluate.json"), "w") as f:
         json.dump(jsonable(results), f)
     plot(results, os.path.join(args.out, "evaluate.png"))
+    plot_lr_mult(results, os.path.join(args.out, "evaluate_lr_mult.png"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Time one optimizer step of Celo2 / Celo2Base next to AdamW / Muon.
+"""Time one optimizer step of Celo2 / Celo2Base / Celo next to AdamW / Muon.
 
 Every optimizer updates the same variables: the four matrices of a GPT-2-small
 block, (768, 2304), (768, 768), (768, 3072), (3072, 768), and their biases
@@ -40,6 +40,8 @@ Commands (from the repository root):
     # On a machine busy with other jobs, add `--threads 1`: with their default
     # thread pools the backends' timings swing by 10x or more (torch worst).
     KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --fit-lm --threads 1
+    # Celo's scheduler overhead with 10 vs 200 variables
+    KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --only-variable-count --variable-count 10 200
     # smoke test: matrices 4x smaller, 3 rounds, nothing saved
     KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --quick --fit-lm --no-save
 """
@@ -106,9 +108,14 @@ GPT2_BLOCK = [
     ("mlp_down_bias", (768,)),
 ]
 
+# Celo's speed does not depend on its weights' values; a fresh init avoids
+# needing any weights file. Every Celo step is handed a constant loss.
+CELO_THETA = keras_lopt.optimizers.celo_rule.init_theta(0)
+
 OPTIMIZERS = {
     "Celo2": lambda: keras_lopt.optimizers.Celo2(),
     "Celo2Base": lambda: keras_lopt.optimizers.Celo2Base(),
+    "Celo": lambda: keras_lopt.optimizers.Celo(weights=CELO_THETA, total_steps=10_000),
     "AdamW": lambda: keras.optimizers.AdamW(),
     "Muon": lambda: keras.optimizers.Muon(),
 }
@@ -145,6 +152,11 @@ def state_bytes(optimizer):
     return total
 
 
+def _feed_loss(optimizer):
+    if hasattr(optimizer, "feed_loss"):
+        optimizer.feed_loss(1.0)
+
+
 class JaxStepper:
     def __init__(self, optimizer, variables, grads):
         import jax
@@ -154,7 +166,11 @@ class JaxStepper:
         self.opt_vars = [jax.numpy.array(v.value) for v in optimizer.variables]
         self.train_vars = [jax.numpy.array(v.value) for v in variables]
         self.grads = [jax.numpy.asarray(g) for g in grads]
-        jitted = jax.jit(optimizer.stateless_apply, donate_argnums=(0, 2))
+        def apply(opt_vars, grads, train_vars):
+            _feed_loss(optimizer)
+            return optimizer.stateless_apply(opt_vars, grads, train_vars)
+
+        jitted = jax.jit(apply, donate_argnums=(0, 2))
         start = time.perf_counter()
         compiled = jitted.lower(self.opt_vars, self.grads, self.train_vars).compile()
         self.compile_s = time.perf_counter() - start
@@ -178,9 +194,11 @@ class TfStepper:
         optimizer.build(variables)
         self.optimizer = optimizer
         grads = [tf.constant(g) for g in grads]
-        self.fn = tf.function(
-            lambda: optimizer.apply(grads, variables), jit_compile=jit_compile
-        )
+        def apply():
+            _feed_loss(optimizer)
+            optimizer.apply(grads, variables)
+
+        self.fn = tf.function(apply, jit_compile=jit_compile)
         start = time.perf_counter()
         self.step()  # traces (and with XLA compiles) the function
         self.compile_s = time.perf_counter() - start
@@ -205,6 +223,7 @@ class TorchStepper:
         self.temp_bytes = None
 
     def step(self):
+        _feed_loss(self.optimizer)
         self.optimizer.apply(self.grads, self.variables)
         if self.sync:
             self.sync()
@@ -251,6 +270,55 @@ def bench_steps(mode, scale, repeats, warmup):
         if "times" in row:
             row["ms"] = 1e3 * statistics.median(row["times"])
     return specs, param_bytes, rows
+
+
+def bench_variable_count(counts, mode, repeats, warmup):
+    """Celo's step with and without its scheduler, for `counts` variables.
+
+    The scheduler runs once per step over all variables as one batched LSTM;
+    its cost should not grow with the number of variables. Variables are
+    (64, 64) matrices; AdamW on the same variables is the yardstick.
+    """
+    rng = np.random.default_rng(1)
+    factories = {
+        "Celo": OPTIMIZERS["Celo"],
+        "Celo, no scheduler": lambda: keras_lopt.optimizers.Celo(
+            weights=CELO_THETA, total_steps=10_000, use_scheduler=False
+        ),
+        "AdamW": OPTIMIZERS["AdamW"],
+    }
+    table = {}
+    for n in counts:
+        params = [(0.05 * rng.standard_normal((64, 64))).astype("float32") for _ in range(n)]
+        grads = [(1e-2 * rng.standard_normal((64, 64))).astype("float32") for _ in range(n)]
+        specs = [(f"w{i}", (64, 64)) for i in range(n)]
+        steppers = {}
+        for name, factory in factories.items():
+            stepper = make_stepper(factory(), make_variables(specs, params), grads, mode)
+            for _ in range(warmup):
+                stepper.step()
+            steppers[name] = stepper
+        times = {name: [] for name in steppers}
+        for _ in range(repeats):
+            for name, stepper in steppers.items():
+                start = time.perf_counter()
+                stepper.step()
+                times[name].append(time.perf_counter() - start)
+        table[n] = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        print(f"  {n} variables: " + ", ".join(f"{k} {v:.2f} ms" for k, v in table[n].items()),
+              file=sys.stderr)
+    lines = [
+        "| variables | Celo ms | Celo, no scheduler ms | scheduler ms | scheduler ms / variable "
+        "| AdamW ms | Celo x AdamW |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, row in table.items():
+        extra = row["Celo"] - row["Celo, no scheduler"]
+        lines.append(
+            f"| {n} | {row['Celo']:.2f} | {row['Celo, no scheduler']:.2f} | {extra:.2f} "
+            f"| {extra / n:.4f} | {row['AdamW']:.2f} | {row['Celo'] / row['AdamW']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def _fmt(value):
@@ -440,6 +508,11 @@ def main():
                         help="tensorflow: also time tf.function(jit_compile=True)")
     parser.add_argument("--fit-lm", action="store_true",
                         help="also time model.fit steps of a small Transformer LM")
+    parser.add_argument("--variable-count", type=int, nargs="*", default=None,
+                        help="also time Celo with and without its scheduler on N (64, 64) "
+                             "variables for each N given (e.g. 10 200)")
+    parser.add_argument("--only-variable-count", action="store_true",
+                        help="skip the GPT-2 block table")
     parser.add_argument("--fit-rounds", type=int, default=3)
     parser.add_argument("--fit-steps", type=int, default=8,
                         help="train steps per round and model (first one untimed)")
@@ -476,7 +549,7 @@ def main():
         code_version() + ".",
     ]
     sections = []
-    for mode in modes:
+    for mode in [] if args.only_variable_count else modes:
         print(f"[{BACKEND}] optimizer step, {mode_titles[mode]} ...", file=sys.stderr)
         specs, param_bytes, rows = bench_steps(mode, scale, args.repeats, args.warmup)
         shapes = ", ".join(str(s) for _, s in specs[:4])
@@ -489,6 +562,16 @@ def main():
             format_step_table(rows),
         ]
         print("\n".join(sections[-6:]) + "\n", flush=True)
+    if args.variable_count:
+        mode = modes[0]
+        print(f"[{BACKEND}] Celo scheduler vs number of variables ...", file=sys.stderr)
+        sections += [
+            "",
+            f"### Celo's scheduler vs the number of variables, {mode_titles[mode]}",
+            "",
+            bench_variable_count(args.variable_count, mode, args.repeats, args.warmup),
+        ]
+        print("\n".join(sections[-4:]) + "\n", flush=True)
     if args.fit_lm:
         print(f"[{BACKEND}] model.fit of the byte-level LM ...", file=sys.stderr)
         runs = bench_fit_lm(args.fit_rounds, args.fit_steps, args.warmup + 1)

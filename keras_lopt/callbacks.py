@@ -30,12 +30,37 @@ class FeedLossAndHorizon(keras.callbacks.Callback):
       it raises an error asking for `total_steps`.
 
     `LossScaleOptimizer` (e.g. the `mixed_float16` policy) is looked through.
+    Outside `fit` (loops of `model.train_on_batch`), `attach(model)` installs
+    the loss hand-over alone; give the optimizer `total_steps` then.
 
     Example:
 
     >>> model.compile(optimizer=keras_lopt.optimizers.Celo(), loss="mse")
     >>> model.fit(x, y, epochs=3, callbacks=[FeedLossAndHorizon()])
     """
+
+    @classmethod
+    def attach(cls, model):
+        """Installs the loss hand-over on a compiled `model` outside `fit`.
+
+        Returns the callback; its `detach()` restores the model.
+
+        Example:
+
+        >>> model.compile(optimizer=Celo(total_steps=100), loss="mse")
+        >>> feed = FeedLossAndHorizon.attach(model)
+        >>> for x, y in batches:
+        ...     model.train_on_batch(x, y)
+        >>> feed.detach()
+        """
+        callback = cls()
+        callback.set_model(model)
+        callback.on_train_begin()
+        return callback
+
+    def detach(self):
+        """Undoes `attach`."""
+        self.on_train_end()
 
     def on_train_begin(self, logs=None):
         model = self.model

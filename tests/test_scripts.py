@@ -17,9 +17,11 @@ def _run(args, tmp_path):
 
 def test_evaluate_harness_quick(tmp_path):
     out = _run(["benchmarks/evaluate.py", "--quick", "--steps", "6", "--tasks", "mlp_breast_cancer",
-                "--optimizers", "celo2", "adamw", "--lrs", "1e-3", "--out", str(tmp_path)], tmp_path)
-    assert "mlp_breast_cancer" in out
+                "--optimizers", "celo", "celo2", "adamw", "--lrs", "1e-3", "--out", str(tmp_path)],
+               tmp_path)
+    assert "mlp_breast_cancer" in out and "| Celo |" in out
     assert (tmp_path / "evaluate.md").exists() and (tmp_path / "evaluate.json").exists()
+    assert (tmp_path / "evaluate_lr_mult.png").exists()
 
 
 def test_demo_runs(tmp_path):
