@@ -10,6 +10,7 @@ from keras.saving import register_keras_serializable
 
 from keras_lopt.optimizers import celo_rule
 from keras_lopt.optimizers._backend import densify
+from keras_lopt.optimizers.celo2 import _BASE_ARGS_DOC
 from keras_lopt.optimizers.celo2 import _check_float
 from keras_lopt.optimizers.celo2 import _variable_path
 from keras_lopt.optimizers.checkpoints import load_theta
@@ -373,3 +374,9 @@ class Celo(optimizers.Optimizer):
             }
         )
         return config
+
+
+# Fill in the base optimizer arguments, as Keras does for its own optimizers.
+Celo.__doc__ = Celo.__doc__.replace(
+    "{{base_optimizer_keyword_args}}", _BASE_ARGS_DOC
+)

@@ -15,6 +15,13 @@ from keras_lopt.optimizers.checkpoints import validate_theta
 
 _WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 
+try:
+    from keras.src.optimizers.base_optimizer import (
+        base_optimizer_keyword_args as _BASE_ARGS_DOC,
+    )
+except ImportError:  # a private name of Keras; only docstrings use it
+    _BASE_ARGS_DOC = "Any other argument of `keras.optimizers.Optimizer`."
+
 
 def _variable_path(variable):
     # Raw TensorFlow variables have no `path`; their name is the closest thing.
@@ -308,3 +315,12 @@ class Celo2(Celo2Base):
             }
         )
         return config
+
+
+# Fill in the base optimizer arguments, as Keras does for its own optimizers.
+Celo2Base.__doc__ = Celo2Base.__doc__.replace(
+    "{{base_optimizer_keyword_args}}", _BASE_ARGS_DOC
+)
+Celo2.__doc__ = Celo2.__doc__.replace(
+    "{{base_optimizer_keyword_args}}", _BASE_ARGS_DOC
+)
