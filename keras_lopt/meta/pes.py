@@ -41,7 +41,8 @@ class MetaTrainConfig:
         sigma: PES perturbation scale.
         outer_lr: AdamW learning rate on the meta-weights.
         outer_weight_decay: AdamW decoupled weight decay.
-        inner_lr: learning rate of the learned rule in inner runs.
+        inner_lr: learning rate of the learned rule in inner runs (Celo2
+            rules; Celo has none: its step is `1e-3 * ... * lr_mult`).
         adam_lr_ratio: Adam-branch multiplier (rule `"celo2"` only).
         min_scale, max_scale: range of the log-uniform reparametrisation
             scale `s` (the task optimises `L(s * w)` from `w0 / s`).
@@ -246,14 +247,24 @@ class PESMetaTrainer:
             lstm, buffer = run["lstm"], run["loss_buffer"]
         else:
             decays = celo_rule.loss_decays(run["horizon"])
-            features, buffer = celo_rule.update_loss_buffer(run["loss_buffer"], loss, decays)
+            # As the Keras optimizer: a non-finite loss leaves the buffer and
+            # the LSTM as they were.
+            ok = jnp.isfinite(loss)
+            features, buffer = celo_rule.update_loss_buffer(
+                run["loss_buffer"], jnp.where(ok, loss, 0.0), decays
+            )
+            buffer = {k: jnp.where(ok, v, run["loss_buffer"][k]) for k, v in buffer.items()}
             inputs = celo_rule.scheduler_inputs(run["t"], run["horizon"], features, n)
             fresh = run["lstm"]["fresh"]
             init_hidden, init_cell = celo_rule.init_lstm_state(theta, n)
             hidden = jnp.where(fresh, init_hidden, run["lstm"]["hidden"])
             cell = jnp.where(fresh, init_cell, run["lstm"]["cell"])
-            lr_mult, _, hidden, cell = celo_rule.scheduler_step(theta, hidden, cell, inputs)
-            lstm = {"hidden": hidden, "cell": cell, "fresh": jnp.zeros((), bool)}
+            lr_mult, _, new_hidden, new_cell = celo_rule.scheduler_step(theta, hidden, cell, inputs)
+            lstm = {
+                "hidden": jnp.where(ok, new_hidden, hidden),
+                "cell": jnp.where(ok, new_cell, cell),
+                "fresh": jnp.logical_and(run["lstm"]["fresh"], ~ok),
+            }
         mlp = celo_rule.mix_mlp(theta)
         new_params, new_opt = [], []
         for i, (p, g, st) in enumerate(zip(run["params"], grads, run["opt"])):

@@ -136,6 +136,7 @@ class Celo(optimizers.Optimizer):
         self.total_steps = _check_total_steps(total_steps)
         self.use_scheduler = use_scheduler
         self._horizon_known = self.total_steps is not None
+        self._horizon_fixed = self.total_steps is not None
         self._pending_horizon = self.total_steps
         self._pending_loss = None
         self._step_loss = None
@@ -159,7 +160,21 @@ class Celo(optimizers.Optimizer):
     # -- the horizon and the loss ------------------------------------------
 
     def set_total_steps(self, total_steps):
-        """Sets the run's number of updates `T` (scheduler progress `t / T`)."""
+        """Sets the run's number of updates `T` (scheduler progress `t / T`).
+
+        A `T` set here (or given as `total_steps`) is kept by the `fit`
+        callback. Changing `T` mid-run changes the loss EMAs' decays from
+        then on; the EMAs already accumulated are kept.
+        """
+        self._set_horizon(total_steps)
+        self._horizon_fixed = True
+
+    @property
+    def horizon_fixed(self):
+        """Whether `T` was given by the user (then `fit` does not set it)."""
+        return self._horizon_fixed
+
+    def _set_horizon(self, total_steps):
         total_steps = _check_total_steps(total_steps)
         self._horizon_known = True
         self._pending_horizon = total_steps
@@ -178,8 +193,19 @@ class Celo(optimizers.Optimizer):
 
     @property
     def lr_mult(self):
-        """The scheduler's multiplier at the latest update (a float)."""
-        return float(ops.convert_to_numpy(self._last_lr_mult.value))
+        """The scheduler's multiplier at the latest update (a float).
+
+        On JAX, `fit` keeps the optimizer state away from its variables
+        between steps; a callback reading this mid-epoch calls
+        `model.jax_state_sync()` first.
+        """
+        value = self._last_lr_mult.value
+        if value is None:
+            raise RuntimeError(
+                "Celo's state is held by a running JAX `fit`; call "
+                "`model.jax_state_sync()` before reading `lr_mult`."
+            )
+        return float(ops.convert_to_numpy(value))
 
     def feed_loss(self, loss):
         """Hands the loss of the batch about to be applied to the optimizer."""

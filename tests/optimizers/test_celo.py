@@ -13,7 +13,16 @@ from keras_lopt.optimizers import Celo
 from keras_lopt.optimizers import celo_rule
 from keras_lopt.optimizers import load_theta
 
-THETA = celo_rule.init_theta(0)
+def _active_theta():
+    """Fresh weights whose scheduler reacts to its inputs (the init's
+    `lr_mult` is a constant 1, which would hide wrong inputs)."""
+    theta = celo_rule.init_theta(0)
+    rng = np.random.default_rng(0)
+    theta["rnn_params/step_size/w"] = rng.normal(0, 0.3, (64, 1)).astype("float32")
+    return theta
+
+
+THETA = _active_theta()
 
 
 def _np(x):
@@ -166,6 +175,17 @@ def test_fit_feeds_each_batch_its_own_loss(make_model):
     assert np.abs(seen[1:] - np.asarray(record.means[1:])).max() > 1e-3
     assert optimizer.horizon == 8
     assert int(_np(optimizer.iterations)) == 8
+    lr_mults = []
+
+    def read_lr_mult(batch, logs):
+        if hasattr(model, "jax_state_sync"):
+            model.jax_state_sync()
+        lr_mults.append(optimizer.lr_mult)
+
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[FeedLossAndHorizon(),
+                         keras.callbacks.LambdaCallback(on_train_batch_end=read_lr_mult)])
+    assert len(set(np.round(lr_mults, 6))) == len(lr_mults)  # the schedule moves
 
 
 def test_horizon_from_fit_counts_epochs_accumulation_and_earlier_updates():
@@ -182,6 +202,42 @@ def test_horizon_from_fit_counts_epochs_accumulation_and_earlier_updates():
     model.compile(optimizer=fixed, loss="mse")
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[FeedLossAndHorizon()])
     assert fixed.horizon == 1000
+    fixed.set_total_steps(77)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[FeedLossAndHorizon()])
+    assert fixed.horizon == 77
+
+
+def test_a_failed_fit_leaves_no_patch_behind():
+    x, y = _data()
+
+    def batches():
+        while True:
+            yield x[:8], y[:8]
+
+    model = _sequential()
+    model.compile(optimizer=Celo(weights=THETA), loss="mse")
+    with pytest.raises(ValueError, match="steps per epoch"):
+        model.fit(batches(), epochs=1, verbose=0, callbacks=[FeedLossAndHorizon()])
+    assert "scale_loss" not in vars(model.optimizer) and "train_step" not in vars(model)
+    # An interrupted fit (on_train_end never ran) is cleaned up by the next.
+    callback = FeedLossAndHorizon.attach(model)
+    model.optimizer.set_total_steps(20)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[FeedLossAndHorizon()])
+    assert "scale_loss" not in vars(model.optimizer) and "train_step" not in vars(model)
+    callback.detach()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX-only restriction")
+def test_custom_train_step_on_jax_is_refused_with_instructions():
+    class Custom(keras.Sequential):
+        def train_step(self, state, data):
+            return super().train_step(state, data)
+
+    x, y = _data()
+    model = Custom([keras.Input((6,)), keras.layers.Dense(2)])
+    model.compile(optimizer=Celo(weights=THETA, total_steps=8), loss="mse")
+    with pytest.raises(TypeError, match="feed_loss"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[FeedLossAndHorizon()])
 
 
 def test_gradient_accumulation_updates_with_the_mean_loss():
@@ -255,28 +311,40 @@ def test_save_and_load_resumes_the_identical_trajectory(tmp_path):
     for a, b in zip(straight, loaded.weights):
         np.testing.assert_allclose(a, _np(b.value), rtol=0, atol=1e-6)
 
+    # A horizon that `fit` derived (no total_steps) is restored as well.
+    model = _sequential()
+    model.compile(optimizer=Celo(weights=THETA), loss="mse")
+    model.fit(x, y, epochs=3, **fit)
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.optimizer.horizon == 24 and not loaded.optimizer.horizon_fixed
+
 
 def test_loss_scale_factor_and_loss_scale_optimizer():
     x, y = _data()
-    results = []
-    for factor in (None, 64.0):
+    results, means, seen = [], [], []
+    for factor in (None, 64.0, "lso"):
         keras.utils.set_random_seed(4)
         model = _sequential()
-        model.compile(
-            optimizer=Celo(weights=THETA, total_steps=8, loss_scale_factor=factor), loss="mse"
-        )
+        if factor == "lso":
+            inner = RecordingCelo(weights=THETA, total_steps=8)
+            optimizer = keras.optimizers.LossScaleOptimizer(inner)
+        else:
+            inner = optimizer = RecordingCelo(
+                weights=THETA, total_steps=8, loss_scale_factor=factor
+            )
+        model.compile(optimizer=optimizer, loss="mse")
         model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[FeedLossAndHorizon()])
         results.append([_np(v.value) for v in model.weights])
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    keras.utils.set_random_seed(4)
-    model = _sequential()
-    optimizer = keras.optimizers.LossScaleOptimizer(Celo(weights=THETA, total_steps=8))
-    model.compile(optimizer=optimizer, loss="mse")
-    model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[FeedLossAndHorizon()])
-    inner = optimizer.inner_optimizer
-    assert float(_np(inner._loss_count.value)) == 8.0
-    assert all(np.isfinite(_np(v.value)).all() for v in model.weights)
+        means.append(_np(inner._loss_means.value))
+        seen.append(_np(inner.seen.value)[:8])
+    # The optimizer sees the unscaled loss, so the loss EMAs and the
+    # trajectory do not depend on loss scaling.
+    for run in (1, 2):
+        np.testing.assert_allclose(seen[run], seen[0], rtol=1e-5)
+        np.testing.assert_allclose(means[run], means[0], rtol=1e-5)
+        for a, b in zip(results[0], results[run]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_config_round_trip():
@@ -343,7 +411,14 @@ def test_training_past_the_horizon_stays_finite():
         grads = [ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32")) for v in variables]
         optimizer.apply(grads, variables, loss=2.0 / (t + 1))
     assert all(np.isfinite(_np(v.value)).all() for v in variables)
-    assert np.isfinite(optimizer.lr_mult) and optimizer.lr_mult > 0
+    assert np.isfinite(optimizer.lr_mult)
+    # Past T the progress features saturate: the schedule keeps a finite,
+    # nearly constant multiplier rather than blowing up or going negative.
+    late = []
+    for _ in range(3):
+        optimizer.apply([ops.zeros(v.shape) for v in variables], variables, loss=0.1)
+        late.append(optimizer.lr_mult)
+    assert 0 < min(late) and max(late) < 10
 
 
 @pytest.mark.parametrize("steps", [0, -5, 2.5, True])
