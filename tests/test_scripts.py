@@ -16,9 +16,14 @@ def _run(args, tmp_path):
 
 
 def test_evaluate_harness_quick(tmp_path):
+    from keras_lopt.optimizers import celo_rule
+    from keras_lopt.optimizers import save_theta
+
+    celo_weights = str(tmp_path / "celo.npz")
+    save_theta(celo_weights, celo_rule.init_theta(0), "celo")
     out = _run(["benchmarks/evaluate.py", "--quick", "--steps", "6", "--tasks", "mlp_breast_cancer",
-                "--optimizers", "celo", "celo2", "adamw", "--lrs", "1e-3", "--out", str(tmp_path)],
-               tmp_path)
+                "--optimizers", "celo", "celo2", "adamw", "--lrs", "1e-3",
+                "--celo-weights", celo_weights, "--out", str(tmp_path)], tmp_path)
     assert "mlp_breast_cancer" in out and "| Celo |" in out
     assert (tmp_path / "evaluate.md").exists() and (tmp_path / "evaluate.json").exists()
     assert (tmp_path / "evaluate_lr_mult.png").exists()

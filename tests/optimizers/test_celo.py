@@ -95,6 +95,12 @@ def test_loss_buffer_and_progress_features_match_reference(celo_reference):
         np.testing.assert_allclose(inputs, cases[f"celo/lstm_input/{t}"], atol=5e-5)
 
 
+def test_shipped_weights_are_the_default_and_complete():
+    optimizer = Celo(total_steps=10)
+    assert {k: v.shape for k, v in optimizer.theta.items()} == celo_rule.THETA_SHAPES
+    assert all(np.isfinite(v).all() for v in optimizer.theta.values())
+
+
 # ---------------------------------------------------------- fit integration
 
 
