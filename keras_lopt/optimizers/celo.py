@@ -3,7 +3,6 @@
 import os
 
 import numpy as np
-from keras import backend
 from keras import ops
 from keras import optimizers
 from keras.saving import register_keras_serializable
@@ -11,6 +10,7 @@ from keras.saving import register_keras_serializable
 from keras_lopt.optimizers import celo_rule
 from keras_lopt.optimizers._backend import densify
 from keras_lopt.optimizers.celo2 import _BASE_ARGS_DOC
+from keras_lopt.optimizers.celo2 import Celo2Base
 from keras_lopt.optimizers.celo2 import _check_float
 from keras_lopt.optimizers.celo2 import _variable_path
 from keras_lopt.optimizers.checkpoints import load_theta
@@ -291,16 +291,8 @@ class Celo(optimizers.Optimizer):
             self._horizon_known = True
             self._pending_horizon = self.horizon
 
-    def _theta(self):
-        # Graph backends must create constants inside each trace; only eager
-        # torch can keep one set of tensors.
-        if backend.backend() != "torch":
-            return self.theta
-        if self._theta_tensors is None:
-            self._theta_tensors = {
-                k: ops.convert_to_tensor(v) for k, v in self.theta.items()
-            }
-        return self._theta_tensors
+    # The same constant handling as Celo2's: cached only on eager torch.
+    _theta = Celo2Base._theta
 
     # -- the update ---------------------------------------------------------
 
