@@ -14,19 +14,24 @@ def reference_dir():
     )
 
 
-@pytest.fixture(scope="session")
-def reference():
-    """The authors' reference numbers; skips (saying why) when absent."""
+def _reference_file(name, what):
+    """Path of a file in the reference folder; skips (saying why) when absent."""
     path = reference_dir()
-    cases = os.path.join(path, "celo2_cases.npz")
-    if not os.path.exists(cases):
+    if not os.path.exists(os.path.join(path, name)):
         pytest.skip(
-            f"reference data not found at {os.path.abspath(path)} "
+            f"{what} not found at {os.path.abspath(path)} "
             "(set KERAS_LOPT_REFERENCE_DIR or place ../shared/reference beside the repo)"
         )
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The authors' Celo2 reference numbers; skips (saying why) when absent."""
+    path = _reference_file("celo2_cases.npz", "reference data")
     return {
         "dir": path,
-        "cases": np.load(cases),
+        "cases": np.load(os.path.join(path, "celo2_cases.npz")),
         "theta_path": os.path.join(path, "celo2_theta.state"),
     }
 
@@ -34,15 +39,9 @@ def reference():
 @pytest.fixture(scope="session")
 def celo_reference():
     """The authors' Celo v1 numbers and released weights; skips when absent."""
-    path = reference_dir()
-    cases = os.path.join(path, "celo_cases.npz")
-    if not os.path.exists(cases):
-        pytest.skip(
-            f"Celo reference data not found at {os.path.abspath(path)} "
-            "(set KERAS_LOPT_REFERENCE_DIR or place ../shared/reference beside the repo)"
-        )
+    path = _reference_file("celo_cases.npz", "Celo reference data")
     return {
-        "cases": np.load(cases),
+        "cases": np.load(os.path.join(path, "celo_cases.npz")),
         "theta_path": os.path.join(path, "celo_theta.state"),
     }
 
