@@ -49,7 +49,9 @@ Celo (`celo`: keras-lopt's weights; `celo_released`: the authors' released
 `celo_theta.state`, registered when `../shared/reference` holds it) is
 untuned like Celo2: it gets `total_steps = --steps` and each batch's loss
 through `FeedLossAndHorizon.attach`, and runs with its learned schedule
-whatever `--schedule` says.
+whatever `--schedule` says. `celo2_released` runs `Celo2` with the authors'
+`celo2_theta.state` (registered when present), to separate what our
+meta-training reaches from what the suite allows.
 """
 
 import argparse
@@ -137,10 +139,11 @@ register_optimizer(
 # each batch's loss (`FeedLossAndHorizon.attach`). It runs at its default
 # multiplier 1 whatever `--schedule`: its schedule is the learned one.
 WEIGHTS["celo"] = None
-RELEASED_CELO = os.path.join(
-    os.environ.get("KERAS_LOPT_REFERENCE_DIR", os.path.join(HERE, "..", "..", "shared", "reference")),
-    "celo_theta.state",
+REFERENCE_DIR = os.environ.get(
+    "KERAS_LOPT_REFERENCE_DIR", os.path.join(HERE, "..", "..", "shared", "reference")
 )
+RELEASED_CELO = os.path.join(REFERENCE_DIR, "celo_theta.state")
+RELEASED_CELO2 = os.path.join(REFERENCE_DIR, "celo2_theta.state")
 register_optimizer(
     "celo",
     "Celo",
@@ -153,6 +156,13 @@ if os.path.exists(RELEASED_CELO):
         "Celo (released)",
         lambda lr, steps: keras_lopt.optimizers.Celo(weights=RELEASED_CELO, total_steps=steps),
         loss_aware=True,
+    )
+# The authors' Celo2 weights, to tell our meta-training apart from the suite.
+if os.path.exists(RELEASED_CELO2):
+    register_optimizer(
+        "celo2_released",
+        "Celo2 (released)",
+        lambda lr: keras_lopt.optimizers.Celo2(lr or 1e-3, weights=RELEASED_CELO2),
     )
 
 
