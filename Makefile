@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # torch is pinned to the CPU wheel; anything looser pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 BACKENDS ?= jax tensorflow torch
-PYTEST_ARGS ?=
+# The slowest tests are listed so that CI time creep shows where it comes from.
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: install demo test test-jax test-tensorflow test-torch clean
 
