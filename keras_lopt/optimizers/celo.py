@@ -9,6 +9,7 @@ from keras.saving import register_keras_serializable
 
 from keras_lopt.optimizers import celo_rule
 from keras_lopt.optimizers._backend import densify
+from keras_lopt.optimizers._backend import jit_when_eager
 from keras_lopt.optimizers.celo2 import _BASE_ARGS_DOC
 from keras_lopt.optimizers.celo2 import Celo2Base
 from keras_lopt.optimizers.celo2 import _check_float
@@ -17,6 +18,7 @@ from keras_lopt.optimizers.checkpoints import load_theta
 from keras_lopt.optimizers.checkpoints import validate_theta
 
 _WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+_celo_step = jit_when_eager(celo_rule.celo_step)
 
 _NEEDS_LOSS = (
     "Celo needs the training loss of the batch it updates on. In `fit`, pass "
@@ -370,7 +372,7 @@ class Celo(optimizers.Optimizer):
         else:
             mlp = celo_rule.mix_mlp(self._theta(), self._control[index])
         state = {k: v.value if hasattr(v, "value") else v for k, v in slots.items()}
-        delta, new_state = celo_rule.celo_step(mlp, state, gradient, variable)
+        delta, new_state = _celo_step(mlp, state, gradient, variable)
         scale = ops.cast(learning_rate, "float32") * self._lr_mult[index]
         p = ops.cast(variable, "float32")
         if self.weight_decay and self._use_weight_decay(variable):

@@ -10,10 +10,12 @@ from keras.saving import register_keras_serializable
 
 from keras_lopt.optimizers import celo2_rule
 from keras_lopt.optimizers._backend import densify
+from keras_lopt.optimizers._backend import jit_when_eager
 from keras_lopt.optimizers.checkpoints import load_theta
 from keras_lopt.optimizers.checkpoints import validate_theta
 
 _WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+_celo2_step = jit_when_eager(celo2_rule.celo2_step, static_argnames=("orthogonalize",))
 
 try:
     from keras.src.optimizers.base_optimizer import (
@@ -183,7 +185,7 @@ class Celo2Base(optimizers.Optimizer):
         if self._routes[index] == "rule":
             slots = self._rule_states[index]
             state = {k: v.value if hasattr(v, "value") else v for k, v in slots.items()}
-            step, new_state = celo2_rule.celo2_step(
+            step, new_state = _celo2_step(
                 self._theta(),
                 state,
                 gradient,

@@ -310,7 +310,7 @@ def learned_mlp(
             ch * _inv_rms(ch, norm_axes, norm_eps), -1
         ) * weights[row_index]
     mlp = {k: ops.convert_to_tensor(mlp[k]) for k in ("w1", "b1", "w2", "b2")}
-    if compiles_elementwise_fusions():
+    if compiles_elementwise_fusions(g):
         outputs = _mlp_elementwise(elem, elem_scale, w_elem, bias, mlp, columns)
     else:
         lead = ws[: rank - len(norm_axes)]
