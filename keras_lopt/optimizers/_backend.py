@@ -55,7 +55,7 @@ def jit_when_eager(rule, static_argnames=()):
     compiled = jax.jit(rule, static_argnames=static_argnames)
 
     def plain(x):
-        if isinstance(x, dict) or hasattr(x, "items"):
+        if hasattr(x, "items"):
             return {k: plain(v) for k, v in x.items()}
         return x.value if hasattr(x, "value") and hasattr(x, "assign") else x
 
