@@ -29,8 +29,10 @@ def compiles_elementwise_fusions(x):
     instead runs it as three matmuls over a stacked channel tensor, which
     costs memory but hundreds fewer dispatched operations.
     """
-    if backend.backend() != "jax":
-        return False
+    return backend.backend() == "jax" and _is_jax_tracer(x)
+
+
+def _is_jax_tracer(x):
     import jax
 
     return isinstance(x, jax.core.Tracer)
@@ -62,8 +64,7 @@ def jit_when_eager(rule, static_argnames=()):
     @functools.wraps(rule)
     def call(*args, **kwargs):
         args = [plain(a) for a in args]
-        leaves = jax.tree_util.tree_leaves(args)
-        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        if any(_is_jax_tracer(x) for x in jax.tree_util.tree_leaves(args)):
             return rule(*args, **kwargs)
         return compiled(*args, **kwargs)
 
