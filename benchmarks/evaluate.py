@@ -17,6 +17,8 @@ as Muon's documentation recommends) are swept over `--lrs` and the learning
 rate with the lowest final training loss is kept, per task. Keras' Muon
 orthogonalises 2-D kernels only: conv (4-D) and attention (3-D) kernels take
 its AdamW branch, so on `cnn_digits` Muon trains exactly like AdamW.
+The opt-in `celo2_tuned` and `celo2_base_tuned` sweep the learned optimizers
+over the same grid, to separate the rule from its default learning rate.
 
 Every run of a task starts from the same seeded initialisation and sees the
 same batches in the same order, for `--steps` steps of
@@ -95,20 +97,22 @@ class OptimizerSpec:
         tuned: sweep the `--lrs` grid and keep the best final loss.
         loss_aware: `make(None, steps)` builds it for a run of `steps`
             updates, and it is handed each batch's loss (Celo).
+        default: run when `--optimizers` is not given.
     """
 
     label: str
     make: Callable
     tuned: bool
     loss_aware: bool = False
+    default: bool = True
 
 
 OPTIMIZERS = {}
 
 
-def register_optimizer(name, label, make, tuned=False, loss_aware=False):
-    """Adds an optimizer to the registry (and to the default selection)."""
-    OPTIMIZERS[name] = OptimizerSpec(label, make, tuned, loss_aware)
+def register_optimizer(name, label, make, tuned=False, loss_aware=False, default=True):
+    """Adds an optimizer to the registry (and, if `default`, to the default selection)."""
+    OPTIMIZERS[name] = OptimizerSpec(label, make, tuned, loss_aware, default)
 
 
 # The learned optimizers are untuned: `lr` is None, or a schedule that starts
@@ -125,6 +129,22 @@ register_optimizer(
     "celo2_base",
     "Celo2Base",
     lambda lr: keras_lopt.optimizers.Celo2Base(lr or 1e-3, weights=WEIGHTS["celo2_base"]),
+)
+# The same two, swept over `--lrs` like AdamW (opt-in): how much of the gap
+# to tuned AdamW is the untuned default learning rate.
+register_optimizer(
+    "celo2_tuned",
+    "Celo2 (tuned)",
+    lambda lr: keras_lopt.optimizers.Celo2(lr, weights=WEIGHTS["celo2"]),
+    tuned=True,
+    default=False,
+)
+register_optimizer(
+    "celo2_base_tuned",
+    "Celo2Base (tuned)",
+    lambda lr: keras_lopt.optimizers.Celo2Base(lr, weights=WEIGHTS["celo2_base"]),
+    tuned=True,
+    default=False,
 )
 register_optimizer(
     "adamw", "AdamW", lambda lr: keras.optimizers.AdamW(learning_rate=lr), tuned=True
@@ -513,7 +533,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS),
-                        default=list(OPTIMIZERS))
+                        default=[name for name, spec in OPTIMIZERS.items() if spec.default],
+                        help="default: all but the opt-in *_tuned variants")
     parser.add_argument("--steps", type=int, help="steps per run (default 1000, --quick 20)")
     parser.add_argument("--lrs", type=float, nargs="+",
                         help=f"learning rates for tuned optimizers (default {LR_GRID}, "
