@@ -64,7 +64,9 @@ def jit_when_eager(rule, static_argnames=()):
     @functools.wraps(rule)
     def call(*args, **kwargs):
         args = [plain(a) for a in args]
-        if any(_is_jax_tracer(x) for x in jax.tree_util.tree_leaves(args)):
+        kwargs = {k: v if k in static_argnames else plain(v) for k, v in kwargs.items()}
+        traced = [v for k, v in kwargs.items() if k not in static_argnames]
+        if any(_is_jax_tracer(x) for x in jax.tree_util.tree_leaves([args, traced])):
             return rule(*args, **kwargs)
         return compiled(*args, **kwargs)
 

@@ -13,12 +13,27 @@ from keras_lopt.optimizers._backend import jit_when_eager
 from keras_lopt.optimizers.celo2 import _BASE_ARGS_DOC
 from keras_lopt.optimizers.celo2 import Celo2Base
 from keras_lopt.optimizers.celo2 import _check_float
+from keras_lopt.optimizers.celo2 import _if_finite
 from keras_lopt.optimizers.celo2 import _variable_path
 from keras_lopt.optimizers.checkpoints import load_theta
 from keras_lopt.optimizers.checkpoints import validate_theta
 
 _WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
-_celo_step = jit_when_eager(celo_rule.celo_step)
+
+
+def _celo_update(mlp, state, gradient, param, scale, loss_ok, weight_decay):
+    # Skipped with a `cond` rather than `where`, as in `celo2._rule_update`.
+    def update():
+        delta, new_state = celo_rule.celo_step(mlp, state, gradient, param)
+        p = ops.cast(param, "float32")
+        if weight_decay:
+            delta = delta + (celo_rule.STEP_MULT * weight_decay) * p
+        return p - scale * delta, new_state
+
+    return _if_finite(gradient, update, param, state, also=loss_ok)
+
+
+_celo_update = jit_when_eager(_celo_update, static_argnames=("weight_decay",))
 
 _NEEDS_LOSS = (
     "Celo needs the training loss of the batch it updates on. In `fit`, pass "
@@ -366,21 +381,20 @@ class Celo(optimizers.Optimizer):
         index = self._get_variable_index(variable)
         slots = self._rule_states[index]
         gradient = densify(gradient)
-        finite = ops.logical_and(ops.all(ops.isfinite(gradient)), self._loss_ok)
         if self._control is None:
             mlp = self._shared_mlp
         else:
             mlp = celo_rule.mix_mlp(self._theta(), self._control[index])
         state = {k: v.value if hasattr(v, "value") else v for k, v in slots.items()}
-        delta, new_state = _celo_step(mlp, state, gradient, variable)
         scale = ops.cast(learning_rate, "float32") * self._lr_mult[index]
-        p = ops.cast(variable, "float32")
-        if self.weight_decay and self._use_weight_decay(variable):
-            delta = delta + (celo_rule.STEP_MULT * self.weight_decay) * p
-        new_value = p - scale * delta
+        weight_decay = self.weight_decay if self._use_weight_decay(variable) else 0.0
+        new_value, new_state = _celo_update(
+            mlp, state, gradient, variable, scale, self._loss_ok,
+            weight_decay=weight_decay or 0.0,
+        )
         for key, slot in slots.items():
-            self.assign(slot, ops.where(finite, new_state[key], state[key]))
-        self.assign(variable, ops.cast(ops.where(finite, new_value, p), variable.dtype))
+            self.assign(slot, new_state[key])
+        self.assign(variable, ops.cast(new_value, variable.dtype))
 
     def get_config(self):
         config = super().get_config()

@@ -15,7 +15,48 @@ from keras_lopt.optimizers.checkpoints import load_theta
 from keras_lopt.optimizers.checkpoints import validate_theta
 
 _WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
-_celo2_step = jit_when_eager(celo2_rule.celo2_step, static_argnames=("orthogonalize",))
+
+
+# A variable whose gradient is not all finite keeps its value and state. The
+# skip is a `cond`, not `where(finite, new, old)`: with `where`, XLA on CPU
+# kept old and new state side by side and split the fused rule into separate
+# passes, which made Celo2Base's jitted step 5x AdamW's instead of 3.3x.
+def _rule_update(theta, state, gradient, param, learning_rate, weight_decay, orthogonalize):
+    def update():
+        step, new_state = celo2_rule.celo2_step(
+            theta, state, gradient, param, orthogonalize=orthogonalize
+        )
+        return celo2_rule.apply_step(param, step, learning_rate, weight_decay), new_state
+
+    return _if_finite(gradient, update, param, state)
+
+
+def _adam_update(state, gradient, param, learning_rate, weight_decay, iteration, **adam):
+    def update():
+        step, new_state = celo2_rule.adam_step(state, gradient, iteration, **adam)
+        return celo2_rule.apply_step(param, step, learning_rate, weight_decay), new_state
+
+    return _if_finite(gradient, update, param, state)
+
+
+def _if_finite(gradient, update, param, state, also=None):
+    """`update()` if `gradient` is all finite (and `also`), else the float32
+    parameter and the state as they are."""
+    ok = ops.all(ops.isfinite(gradient))
+    if also is not None:
+        ok = ops.logical_and(ok, also)
+    return ops.cond(
+        ok,
+        update,
+        lambda: (ops.cast(param, "float32"), dict(state)),
+    )
+
+
+_rule_update = jit_when_eager(_rule_update, static_argnames=("weight_decay", "orthogonalize"))
+_adam_update = jit_when_eager(
+    _adam_update,
+    static_argnames=("weight_decay", "beta_1", "beta_2", "epsilon", "bias_correction"),
+)
 
 try:
     from keras.src.optimizers.base_optimizer import (
@@ -181,40 +222,36 @@ class Celo2Base(optimizers.Optimizer):
         index = self._get_variable_index(variable)
         lr = ops.cast(learning_rate, "float32")
         gradient = densify(gradient)
-        finite = ops.all(ops.isfinite(gradient))
         if self._routes[index] == "rule":
             slots = self._rule_states[index]
             state = {k: v.value if hasattr(v, "value") else v for k, v in slots.items()}
-            step, new_state = _celo2_step(
+            new_value, new_state = _rule_update(
                 self._theta(),
                 state,
                 gradient,
                 variable,
+                lr,
+                weight_decay=self._decay(variable),
                 orthogonalize=self._orthogonalize,
             )
         else:
             slots = self._adam_states[index]
-            lr = lr * self.adam_lr_ratio
             state = {k: v.value if hasattr(v, "value") else v for k, v in slots.items()}
-            step, new_state = celo2_rule.adam_step(
+            new_value, new_state = _adam_update(
                 state,
                 gradient,
-                self.iterations + 1,
+                variable,
+                lr * self.adam_lr_ratio,
+                weight_decay=self._decay(variable),
+                iteration=self.iterations + 1,
                 beta_1=self.adam_beta_1,
                 beta_2=self.adam_beta_2,
                 epsilon=self.adam_epsilon,
                 bias_correction=self.adam_bias_correction,
             )
-        new_value = celo2_rule.apply_step(variable, step, lr, self._decay(variable))
         for key, slot in slots.items():
-            self.assign(slot, ops.where(finite, new_state[key], state[key]))
-        self.assign(
-            variable,
-            ops.cast(
-                ops.where(finite, new_value, ops.cast(variable, "float32")),
-                variable.dtype,
-            ),
-        )
+            self.assign(slot, new_state[key])
+        self.assign(variable, ops.cast(new_value, variable.dtype))
 
     def get_config(self):
         config = super().get_config()
