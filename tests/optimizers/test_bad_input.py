@@ -49,6 +49,49 @@ def test_non_finite_gradient_leaves_tensor_and_state_untouched(cls, bad):
     assert not np.array_equal(after[0], params_before[0])
 
 
+def _compiled_apply(optimizer, grads, variables):
+    """One update through the backend's compiled path (`fit` uses it)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        values, states = jax.jit(optimizer.stateless_apply)(
+            [v.value for v in optimizer.variables], grads, [v.value for v in variables]
+        )
+        for var, value in zip(variables, values):
+            var.assign(value)
+        for var, value in zip(optimizer.variables, states):
+            var.assign(value)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.function(lambda: optimizer.apply(grads, variables))()
+    else:  # torch has no graph mode here: eager is what `fit` runs
+        optimizer.apply(grads, variables)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_non_finite_gradient_is_skipped_in_a_compiled_step(cls):
+    rng = np.random.default_rng(2)
+    shapes = [(5, 3), (3,)]
+    variables = [keras.Variable(rng.standard_normal(s).astype("float32")) for s in shapes]
+    optimizer = cls()
+    optimizer.build(variables)
+    grads = [rng.standard_normal(s).astype("float32") for s in shapes]
+    _compiled_apply(optimizer, [ops.convert_to_tensor(g) for g in grads], variables)
+    params_before, state_before = _numpy(variables), _numpy(optimizer.variables)
+    grads[0][4, 1] = np.inf
+    _compiled_apply(optimizer, [ops.convert_to_tensor(g) for g in grads], variables)
+    after, state_after = _numpy(variables), _numpy(optimizer.variables)
+    np.testing.assert_array_equal(after[0], params_before[0])
+    assert not np.array_equal(after[1], params_before[1])
+    for variable, before, now in zip(optimizer.variables, state_before, state_after):
+        if variable.path.startswith(optimizer.name) and variable.shape == (5, 3):
+            np.testing.assert_array_equal(before, now)
+    assert all(np.isfinite(a).all() for a in after)
+    assert int(optimizer.iterations) == 2
+
+
 def test_only_the_poisoned_tensor_is_skipped():
     rng = np.random.default_rng(1)
     a = keras.Variable(rng.standard_normal((3, 3)).astype("float32"))
