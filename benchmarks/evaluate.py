@@ -116,36 +116,35 @@ def register_optimizer(name, label, make, tuned=False, loss_aware=False, default
 
 
 # The learned optimizers are untuned: `lr` is None, or a schedule that starts
-# at their default 1e-3 (`--schedule cosine`).
-# `--celo2-weights` / `--celo2-base-weights` evaluate candidate meta-weights
-# instead of the shipped defaults.
+# at their default 1e-3 (`--schedule cosine`). `--celo2-weights` /
+# `--celo2-base-weights` evaluate candidate meta-weights instead of the
+# shipped defaults, `--learned-weight-decay` sets their weight decay.
 WEIGHTS = {"celo2": None, "celo2_base": None}
-register_optimizer(
-    "celo2",
-    "Celo2",
-    lambda lr: keras_lopt.optimizers.Celo2(lr or 1e-3, weights=WEIGHTS["celo2"]),
-)
-register_optimizer(
-    "celo2_base",
-    "Celo2Base",
-    lambda lr: keras_lopt.optimizers.Celo2Base(lr or 1e-3, weights=WEIGHTS["celo2_base"]),
-)
-# The same two, swept over `--lrs` like AdamW (opt-in): how much of the gap
-# to tuned AdamW is the untuned default learning rate.
-register_optimizer(
-    "celo2_tuned",
-    "Celo2 (tuned)",
-    lambda lr: keras_lopt.optimizers.Celo2(lr, weights=WEIGHTS["celo2"]),
-    tuned=True,
-    default=False,
-)
-register_optimizer(
-    "celo2_base_tuned",
-    "Celo2Base (tuned)",
-    lambda lr: keras_lopt.optimizers.Celo2Base(lr, weights=WEIGHTS["celo2_base"]),
-    tuned=True,
-    default=False,
-)
+LEARNED_WEIGHT_DECAY = {"value": None}
+
+
+def _learned(class_name, weights_key):
+    def make(lr):
+        return getattr(keras_lopt.optimizers, class_name)(
+            lr or 1e-3,
+            weights=WEIGHTS[weights_key],
+            weight_decay=LEARNED_WEIGHT_DECAY["value"],
+        )
+
+    return make
+
+
+# Each also swept over `--lrs` like AdamW (opt-in `*_tuned`): how much of
+# the gap to tuned AdamW is the untuned default learning rate.
+for _name, _class_name in (("celo2", "Celo2"), ("celo2_base", "Celo2Base")):
+    register_optimizer(_name, _class_name, _learned(_class_name, _name))
+    register_optimizer(
+        f"{_name}_tuned",
+        f"{_class_name} (tuned)",
+        _learned(_class_name, _name),
+        tuned=True,
+        default=False,
+    )
 register_optimizer(
     "adamw", "AdamW", lambda lr: keras.optimizers.AdamW(learning_rate=lr), tuned=True
 )
@@ -401,7 +400,9 @@ def markdown(results):
         f"Backend `{config['backend']}`, {config['steps']} steps per run, seed "
         f"{config['seed']}, Python {config['python']}, Keras {config['keras']}. "
         f"Tuned optimizers swept over learning rates {config['lrs']}; "
-        f"schedule: {config.get('schedule', 'constant')}.",
+        f"schedule: {config.get('schedule', 'constant')}"
+        + (f"; Celo2 / Celo2Base weight decay {config['learned_weight_decay']}."
+           if config.get("learned_weight_decay") else "."),
         "",
         f"## Final training loss (mean of the last {smoothing_window(config['steps'])} steps)",
         "",
@@ -547,6 +548,8 @@ def parse_args(argv):
     parser.add_argument("--celo2-base-weights",
                         help="meta-weights file for Celo2Base (default: shipped)")
     parser.add_argument("--celo-weights", help="meta-weights file for Celo (default: shipped)")
+    parser.add_argument("--learned-weight-decay", type=float,
+                        help="weight decay of Celo2 / Celo2Base (default: none)")
     parser.add_argument("--quick", action="store_true", help="tiny budget for smoke tests")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
@@ -559,6 +562,7 @@ def main(argv=None):
     args = parse_args(argv)
     WEIGHTS.update(celo2=args.celo2_weights, celo2_base=args.celo2_base_weights,
                    celo=args.celo_weights)
+    LEARNED_WEIGHT_DECAY["value"] = args.learned_weight_decay
     start = time.perf_counter()
     results = {
         "config": {
@@ -568,6 +572,7 @@ def main(argv=None):
             "celo2_weights": args.celo2_weights or "shipped",
             "celo2_base_weights": args.celo2_base_weights or "shipped",
             "celo_weights": args.celo_weights or "shipped",
+            "learned_weight_decay": args.learned_weight_decay,
             "smoothing_window": smoothing_window(args.steps),
             "python": platform.python_version(), "keras": keras.__version__,
         },
