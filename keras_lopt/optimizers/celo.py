@@ -387,10 +387,10 @@ class Celo(optimizers.Optimizer):
             mlp = celo_rule.mix_mlp(self._theta(), self._control[index])
         state = {k: v.value if hasattr(v, "value") else v for k, v in slots.items()}
         scale = ops.cast(learning_rate, "float32") * self._lr_mult[index]
-        weight_decay = self.weight_decay if self._use_weight_decay(variable) else 0.0
+        use_decay = self.weight_decay and self._use_weight_decay(variable)
         new_value, new_state = _celo_update(
             mlp, state, gradient, variable, scale, self._loss_ok,
-            weight_decay=weight_decay or 0.0,
+            weight_decay=self.weight_decay if use_decay else 0.0,
         )
         for key, slot in slots.items():
             self.assign(slot, new_state[key])
