@@ -465,3 +465,21 @@ def test_bfloat16_and_rank_four_variables_update_in_their_dtype():
         after = _np(ops.cast(v.value, "float32"))
         assert np.isfinite(after).all() and not np.array_equal(after, b)
     assert "bfloat16" in str(variables[2].dtype)
+
+
+def test_weight_decay_adds_its_term_to_the_step_of_decayed_variables_only():
+    grads = [ops.ones((4, 3)), ops.ones((3,))]
+    runs = {}
+    for decay in (0.0, 0.1):
+        variables = _two_variables()
+        optimizer = Celo(weights=THETA, total_steps=10, weight_decay=decay or None)
+        optimizer.exclude_from_weight_decay(var_names=["b"])
+        start = [_np(v.value) for v in variables]
+        optimizer.apply(grads, variables, loss=1.0)
+        runs[decay] = (start, [_np(v.value) for v in variables], optimizer)
+    (start, plain, _), (_, decayed, optimizer) = runs[0.0], runs[0.1]
+    scale = float(_np(optimizer.learning_rate)) * optimizer.lr_mult
+    np.testing.assert_allclose(
+        plain[0] - decayed[0], scale * celo_rule.STEP_MULT * 0.1 * start[0], rtol=1e-4, atol=1e-7
+    )
+    np.testing.assert_array_equal(plain[1], decayed[1])
