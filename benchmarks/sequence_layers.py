@@ -169,7 +169,7 @@ def bench_generate(contexts, new_tokens):
     from keras_lopt.models import Mamba2LM
     from keras_lopt.models import MambaLM
     from keras_lopt.models import TransformerLM
-    from keras_lopt.models._backend import compile_step
+    from keras_lopt.backend import compile_step
 
     makers = {
         "transformer (KV cache)": lambda: TransformerLM(

@@ -29,7 +29,7 @@ from keras_lopt.distillation import Distiller  # noqa: E402
 from keras_lopt.distillation.losses import token_cross_entropy  # noqa: E402
 from keras_lopt.models import Mamba2LM  # noqa: E402
 from keras_lopt.models import TransformerLM  # noqa: E402
-from keras_lopt.models._backend import compile_step  # noqa: E402
+from keras_lopt.backend import compile_step  # noqa: E402
 
 FULL = dict(layers=4, width=128, heads=4, seq_len=256, batch=16, teacher_tokens=6_000_000,
             stage1_tokens=1_500_000, stage2_tokens=2_500_000, eval_windows=256,

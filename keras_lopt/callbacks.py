@@ -4,7 +4,7 @@ import keras
 from keras import backend
 from keras import ops
 
-from keras_lopt.optimizers import _backend
+from keras_lopt import backend as _backend
 
 
 class FeedLossAndHorizon(keras.callbacks.Callback):

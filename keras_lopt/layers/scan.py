@@ -15,7 +15,7 @@ differentiable on every backend.
 
 from keras import ops
 
-from keras_lopt.layers import _backend
+from keras_lopt import backend as _backend
 
 # exp() of this is exactly 0 in float32: masks decays without inf - inf.
 _NEG = -1e30

@@ -14,7 +14,7 @@ from keras import ops
 from keras.saving import register_keras_serializable
 
 from keras_lopt.layers import rotary
-from keras_lopt.models import _backend
+from keras_lopt import backend as _backend
 
 MIXERS = ("attention", "linear_attention", "mamba", "mamba2")
 NORMS = ("rms", "layer")

@@ -8,8 +8,8 @@ from keras import optimizers
 from keras.saving import register_keras_serializable
 
 from keras_lopt.optimizers import celo_rule
-from keras_lopt.optimizers._backend import densify
-from keras_lopt.optimizers._backend import jit_when_eager
+from keras_lopt.backend import densify
+from keras_lopt.backend import jit_when_eager
 from keras_lopt.optimizers.celo2 import _BASE_ARGS_DOC
 from keras_lopt.optimizers.celo2 import Celo2Base
 from keras_lopt.optimizers.celo2 import _check_float

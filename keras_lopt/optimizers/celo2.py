@@ -9,8 +9,8 @@ from keras import optimizers
 from keras.saving import register_keras_serializable
 
 from keras_lopt.optimizers import celo2_rule
-from keras_lopt.optimizers._backend import densify
-from keras_lopt.optimizers._backend import jit_when_eager
+from keras_lopt.backend import densify
+from keras_lopt.backend import jit_when_eager
 from keras_lopt.optimizers.checkpoints import load_theta
 from keras_lopt.optimizers.checkpoints import validate_theta
 

@@ -12,8 +12,8 @@ Towards Learned Optimization Free Lunch", ICLR 2026).
 import numpy as np
 from keras import ops
 
-from keras_lopt.optimizers._backend import compiles_elementwise_fusions
-from keras_lopt.optimizers._backend import means
+from keras_lopt.backend import compiles_elementwise_fusions
+from keras_lopt.backend import means
 
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAY = 0.95

@@ -9,7 +9,7 @@ from keras_lopt.optimizers import Celo2
 from keras_lopt.optimizers import Celo2Base
 from keras_lopt.optimizers import celo2_rule
 from keras_lopt.optimizers import load_theta
-from keras_lopt.optimizers._backend import jit_when_eager
+from keras_lopt.backend import jit_when_eager
 
 STEPS = 12
 

@@ -1,11 +1,29 @@
-"""The few places where a backend forces backend-specific code.
+"""The one home of backend-specific code in keras-lopt.
 
-Everything else in keras-lopt is written with `keras.ops` only.
+Everything else is written with `keras.ops`. Each function here exists
+because one backend needs something `keras.ops` does not express (a JAX
+transformation, TensorFlow's sparse gradients, a loop TensorFlow cannot
+scan); every other backend gets the plain `keras.ops` behaviour.
+
+Public helpers:
+
+* `compile_step(model)`: a `CausalLM.step` compiled with `jax.jit` on JAX,
+  used by `generate`; reads the current variable values at every call.
+* `jit_when_eager(fn)`: compile a pure function as a whole where JAX would
+  run it op by op.
+
+The others serve the optimizers (`densify`, `compiles_elementwise_fusions`,
+`means`, `jax_train_step_feeding_loss`) and the sequence kernels
+(`rematerialize`, `scan`).
 """
 
+import functools
+
+import keras
 from keras import backend
 from keras import ops
 
+# -- optimizers --------------------------------------------------------------
 
 def densify(gradient):
     """Turns TensorFlow's `IndexedSlices` (embedding gradients) dense.
@@ -50,8 +68,6 @@ def jit_when_eager(rule, static_argnames=()):
     """
     if backend.backend() != "jax":
         return rule
-    import functools
-
     import jax
 
     compiled = jax.jit(rule, static_argnames=static_argnames)
@@ -136,3 +152,61 @@ def jax_train_step_feeding_loss(model, optimizer):
         return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
 
     return train_step
+
+
+# -- sequence kernels ----------------------------------------------------------
+
+
+def rematerialize(fn):
+    """Recompute `fn`'s intermediates in the backward pass instead of storing them.
+
+    Used on the body of a chunk loop so that training memory holds one
+    chunk's `(batch, chunk, d_inner, d_state)` tensors, not one per chunk.
+    JAX offers this as `jax.checkpoint`; elsewhere `fn` is returned as is
+    (TensorFlow and torch keep every chunk's intermediates for backward).
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.checkpoint(fn)
+    return fn
+
+
+def scan(fn, init, xs):
+    """`keras.ops.scan` over the leading axis of the tuple `xs`.
+
+    Keras' TensorFlow `scan` requires each per-step output to have the
+    carry's shape, which the chunk loops do not satisfy; on TensorFlow the
+    (short, static) loop over chunks is therefore unrolled in Python.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return ops.scan(fn, init, xs)
+    carry, outputs = init, []
+    for i in range(xs[0].shape[0]):
+        carry, y = fn(carry, tuple(x[i] for x in xs))
+        outputs.append(y)
+    return carry, ops.stack(outputs)
+
+
+# -- models ---------------------------------------------------------------------
+
+
+def compile_step(model):
+    """`model.step` compiled where that pays off: `jax.jit` on JAX.
+
+    The jitted function reads the model's current variable values on every
+    call (they are passed in, not captured), so training between
+    `generate` calls is seen. TensorFlow and torch run `model.step` eagerly.
+    """
+    if keras.backend.backend() != "jax":
+        return model.step
+    import jax
+
+    variables = model.trainable_variables + model.non_trainable_variables
+
+    def stateless_step(values, token_ids, caches):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return model.step(token_ids, caches)
+
+    jitted = jax.jit(stateless_step)
+    return lambda token_ids, caches: jitted([v.value for v in variables], token_ids, caches)
