@@ -110,7 +110,7 @@ GPT2_BLOCK = [
 
 # Celo's speed does not depend on its weights' values; a fresh init avoids
 # needing any weights file. Every Celo step is handed a constant loss.
-CELO_THETA = keras_lopt.optimizers.celo_rule.init_theta(0)
+CELO_THETA = keras_lopt.rules.theta.init_theta("celo", 0)
 
 OPTIMIZERS = {
     "Celo2": lambda: keras_lopt.optimizers.Celo2(),

@@ -1,20 +1,30 @@
 """keras-lopt: learnable training algorithms for Keras 3.
 
-Subpackages are imported on first use, so that command-line tools can choose
-the Keras backend before Keras is imported.
+Importing the package imports (and so registers for Keras serialization)
+every public class: a model saved with a `Celo2` optimizer or a `Mamba2LM`
+loads in a new process after `import keras_lopt` alone. Only Keras and
+NumPy are needed; JAX, TensorFlow or torch are imported by Keras for the
+backend it runs on, and by `keras_lopt.meta` (JAX) when meta-training.
+
+Layout:
+
+* `rules`: the learned rules as pure `keras.ops` math, their routing and
+  their meta-weights; `optimizers`: the Keras drivers (`Celo2`,
+  `Celo2Base`, `Celo`); `meta`: the JAX meta-trainer, the other driver;
+  `callbacks`: `FeedLossAndHorizon` for Celo in `fit`.
+* `ops`: sequence kernels; `layers`: the mixers built on them; `models`:
+  causal LMs of those mixers; `distillation`: Transformer -> linear
+  attention -> Mamba-2.
+* `backend`: the one module with backend-specific code.
 """
 
-import importlib
-
 __version__ = "0.1.0"
-_SUBPACKAGES = ("optimizers", "callbacks", "meta", "layers", "models", "distillation")
 
-
-def __getattr__(name):
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f"keras_lopt.{name}")
-    raise AttributeError(f"module 'keras_lopt' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_SUBPACKAGES))
+from keras_lopt import backend  # noqa: E402
+from keras_lopt import callbacks  # noqa: E402
+from keras_lopt import distillation  # noqa: E402
+from keras_lopt import layers  # noqa: E402
+from keras_lopt import meta  # noqa: E402
+from keras_lopt import models  # noqa: E402
+from keras_lopt import optimizers  # noqa: E402
+from keras_lopt import rules  # noqa: E402

@@ -1,7 +1,8 @@
 """Command line: `keras-lopt meta-train ...`.
 
-Lives outside `keras_lopt.meta` so that it can pick the JAX backend before
-anything imports Keras.
+Meta-training needs JAX. `import keras_lopt` has already imported Keras
+when this module runs, so without `KERAS_BACKEND` set the command restarts
+itself once with `KERAS_BACKEND=jax`.
 """
 
 import argparse
@@ -9,11 +10,10 @@ import os
 import sys
 
 _REQUESTED_BACKEND = os.environ.get("KERAS_BACKEND")
-os.environ.setdefault("KERAS_BACKEND", "jax")
 
 
 def _parser():
-    from keras_lopt.meta.pes import MetaTrainConfig
+    from keras_lopt.meta.config import MetaTrainConfig
 
     defaults = MetaTrainConfig()
     parser = argparse.ArgumentParser(prog="keras-lopt", description="keras-lopt tools")
@@ -52,8 +52,14 @@ def main(argv=None):
             f"keras-lopt meta-train needs the JAX backend; KERAS_BACKEND is {backend!r}. "
             "Unset it or set KERAS_BACKEND=jax."
         )
+    import keras
+
+    if keras.backend.backend() != "jax":
+        argv = sys.argv[1:] if argv is None else list(argv)
+        env = dict(os.environ, KERAS_BACKEND="jax")
+        os.execve(sys.executable, [sys.executable, "-m", "keras_lopt.cli", *argv], env)
     args = _parser().parse_args(argv)
-    from keras_lopt.meta.pes import MetaTrainConfig
+    from keras_lopt.meta.config import MetaTrainConfig
     from keras_lopt.meta.train import meta_train
 
     config = MetaTrainConfig(

@@ -16,11 +16,12 @@ def _run(args, tmp_path):
 
 
 def test_evaluate_harness_quick(tmp_path):
-    from keras_lopt.optimizers import celo_rule
+    from keras_lopt.rules import celo
+    from keras_lopt.rules.theta import init_theta
     from keras_lopt.optimizers import save_theta
 
     celo_weights = str(tmp_path / "celo.npz")
-    save_theta(celo_weights, celo_rule.init_theta(0), "celo")
+    save_theta(celo_weights, init_theta("celo", 0), "celo")
     out = _run(["benchmarks/evaluate.py", "--quick", "--steps", "6", "--tasks", "mlp_breast_cancer",
                 "--optimizers", "celo", "celo2", "adamw", "--lrs", "1e-3",
                 "--celo-weights", celo_weights, "--out", str(tmp_path)], tmp_path)

@@ -1,6 +1,11 @@
-"""Meta-training of learned optimizers (JAX backend)."""
+"""Meta-training of learned optimizers (JAX backend).
 
-from keras_lopt.meta.pes import MetaTrainConfig
+`config` (the run's hyper-parameters) <- `tasks` (task families) <- `pes`
+(the PES estimator, driving `keras_lopt.rules` exactly as the Keras
+optimizers do) <- `train` (checkpoints, resume, metrics).
+"""
+
+from keras_lopt.meta.config import MetaTrainConfig
 from keras_lopt.meta.pes import PESMetaTrainer
 from keras_lopt.meta.tasks import TaskFamily
 from keras_lopt.meta.tasks import default_families

@@ -3,7 +3,9 @@
 JAX only: the outer loop is `jit`-compiled, antithetic particles are
 `vmap`ped, inner steps are `lax.scan`ned, and the population is sharded over
 every visible JAX device. The update rule applied inside is exactly the
-`keras.ops` code used by the Keras optimizers (`celo2_rule`).
+`keras.ops` code the Keras optimizers run (`keras_lopt.rules`), tensors are
+routed by the same `rules.routing.route`, and Celo's scheduler advances
+through the same `rules.celo.scheduler_update`.
 
 Estimator (Vicol et al., 2021): for antithetic pair `theta +- eps` whose
 inner runs have accumulated the perturbations `xi` since their last reset,
@@ -16,85 +18,15 @@ import math
 
 import numpy as np
 
-from keras_lopt.optimizers import celo2_rule
-from keras_lopt.optimizers import celo_rule
+from keras_lopt.meta import tasks
+from keras_lopt.meta.config import MetaTrainConfig
+from keras_lopt.rules import adam
+from keras_lopt.rules import celo
+from keras_lopt.rules import celo2
+from keras_lopt.rules import routing
+from keras_lopt.rules import theta as theta_lib
 
-RULES = ("celo2", "celo2_base", "celo")
-
-
-@dataclasses.dataclass
-class MetaTrainConfig:
-    """Hyper-parameters of a meta-training run (all recorded in checkpoints).
-
-    Args:
-        rule: `"celo2"` (orthogonalised rule on matrices, Adam branch on
-            vectors), `"celo2_base"` (the rule on every tensor) or `"celo"`
-            (Celo v1: MLP plus learned LSTM scheduler on every tensor).
-        phase: Celo only. `1` meta-trains the MLP with no scheduler
-            (`lr_mult = 1`); `2` freezes the MLP (from `init_weights`) and
-            meta-trains the scheduler. Inner runs then hand their raw
-            training loss and horizon to the rule.
-        seed: seeds everything; equal seeds give identical runs.
-        pairs_per_family: antithetic pairs per task family.
-        truncation: inner steps per outer iteration.
-        min_horizon, max_horizon: inner horizons are drawn log-uniformly.
-        sigma: PES perturbation scale.
-        outer_lr: AdamW learning rate on the meta-weights.
-        outer_weight_decay: AdamW decoupled weight decay.
-        inner_lr: learning rate of the learned rule in inner runs (Celo2
-            rules; Celo has none: its step is `1e-3 * ... * lr_mult`).
-        adam_lr_ratio: Adam-branch multiplier (rule `"celo2"` only).
-        min_scale, max_scale: range of the log-uniform reparametrisation
-            scale `s` (the task optimises `L(s * w)` from `w0 / s`).
-        families: names of the task families (`tasks.FAMILIES`).
-        init_weights: optional path of meta-weights (`.npz` or the
-            authors' `.state`) to start from instead of a random
-            initialisation, e.g. to continue from shipped weights with a
-            new task mix.
-    """
-
-    rule: str = "celo2"
-    phase: int = 1
-    seed: int = 0
-    pairs_per_family: int = 8
-    truncation: int = 50
-    min_horizon: int = 100
-    max_horizon: int = 2000
-    sigma: float = 0.01
-    outer_lr: float = 3e-4
-    outer_beta_1: float = 0.9
-    outer_beta_2: float = 0.999
-    outer_epsilon: float = 1e-8
-    outer_weight_decay: float = 1e-4
-    inner_lr: float = 1e-3
-    adam_lr_ratio: float = 20.0
-    min_scale: float = 1e-3
-    max_scale: float = 1e3
-    families: tuple = (
-        "digits_mlp",
-        "mnist1d_mlp",
-        "teacher_mlp",
-        "mnist1d_conv",
-        "teacher_regression",
-        "raw_scale_binary",
-    )
-    init_weights: str = ""
-
-    def __post_init__(self):
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}; received {self.rule!r}.")
-        if self.phase not in (1, 2):
-            raise ValueError(f"phase must be 1 or 2; received {self.phase!r}.")
-        if self.rule == "celo" and self.phase == 2 and not self.init_weights:
-            raise ValueError(
-                "Celo phase 2 trains the scheduler on a frozen phase-1 MLP: "
-                "pass init_weights (the phase-1 theta.npz)."
-            )
-        if self.pairs_per_family < 1 or self.truncation < 1:
-            raise ValueError("pairs_per_family and truncation must be >= 1.")
-        if not 1 <= self.min_horizon <= self.max_horizon:
-            raise ValueError("Need 1 <= min_horizon <= max_horizon.")
-
+__all__ = ["MetaTrainConfig", "PESMetaTrainer", "require_jax"]
 
 def require_jax():
     import keras
@@ -129,8 +61,6 @@ class PESMetaTrainer:
         require_jax()
         import jax
 
-        from keras_lopt.meta import tasks
-
         if families is None:
             families = tasks.make_families(list(config.families))
         else:
@@ -139,30 +69,29 @@ class PESMetaTrainer:
         self.config = config
         self.families = families
         if theta is None and config.init_weights:
-            from keras_lopt.optimizers.checkpoints import load_theta
-
-            module = None if config.rule == "celo" else "ff_mod_stack/~"
-            theta = load_theta(config.init_weights, module=module)
+            theta = theta_lib.load(config.rule, config.init_weights, what="init_weights")
         if theta is None:
-            init = celo_rule.init_theta if config.rule == "celo" else celo2_rule.init_theta
-            theta = init(config.seed)
+            theta = theta_lib.init_theta(config.rule, config.seed)
         # Meta-weights that PES perturbs and trains, and those held fixed.
         if config.rule == "celo":
-            trained = celo_rule.MLP_KEYS if config.phase == 1 else celo_rule.SCHEDULER_KEYS
+            trained = celo.MLP_KEYS if config.phase == 1 else celo.SCHEDULER_KEYS
         else:
             trained = tuple(theta)
         self.theta0 = {k: theta[k] for k in trained}
         self.frozen = {k: np.asarray(v) for k, v in theta.items() if k not in trained}
         self.orthogonalize = config.rule == "celo2"
+        # The optimizer's routing of each family's tensors, by path.
+        self._family_routes = {
+            f.name: [routing.route(s, p, config.rule) for s, p in zip(f.shapes, f.paths)]
+            for f in families
+        }
         devices = jax.devices()
         self.mesh = jax.sharding.Mesh(np.array(devices), ("pop",))
         self._outer_step = jax.jit(self._outer_step_impl, donate_argnums=(0,))
 
     # ----------------------------------------------------------------- runs
     def _routes(self, family):
-        if self.orthogonalize:
-            return ["rule" if len(s) >= 2 else "adam" for s in family.shapes]
-        return ["rule"] * len(family.shapes)
+        return self._family_routes[family.name]
 
     def _init_run(self, family, key):
         import jax
@@ -177,12 +106,10 @@ class PESMetaTrainer:
             k_s, (), minval=math.log(cfg.min_scale), maxval=math.log(cfg.max_scale)
         )
         params = [w / jnp.exp(log_s) for w in family.init_params(k_w)]
-        opt = []
-        for shape, route in zip(family.shapes, self._routes(family)):
-            if route == "rule":
-                opt.append(celo2_rule.init_state(shape))
-            else:
-                opt.append({"m": jnp.zeros(shape), "v": jnp.zeros(shape)})
+        opt = [
+            {k: jnp.zeros(s, "float32") for k, s in routing.state_shapes(route).items()}
+            for route in self._routes(family)
+        ]
         run = {
             "params": params,
             "opt": opt,
@@ -192,10 +119,11 @@ class PESMetaTrainer:
             "log_scale": log_s,
         }
         if cfg.rule == "celo":
-            run["loss_buffer"] = celo_rule.init_loss_buffer()
-            # The learned initial state is taken from the (perturbed) theta
-            # at the first update of the run.
-            zeros = jnp.zeros((len(family.shapes), celo_rule.LSTM_SIZE))
+            # The learned initial LSTM state is taken from the (perturbed)
+            # theta at the first update of the run (`fresh`). This layout
+            # is what checkpoints hold; keep it so that they resume.
+            run["loss_buffer"] = celo.init_loss_buffer()
+            zeros = jnp.zeros((len(family.shapes), celo.LSTM_SIZE))
             run["lstm"] = {"hidden": zeros, "cell": zeros, "fresh": jnp.ones((), bool)}
         return run
 
@@ -226,54 +154,49 @@ class PESMetaTrainer:
             return run, (family.normalized_loss(loss), reset)
         new_params, new_opt = [], []
         for p, g, st, route in zip(run["params"], grads, run["opt"], self._routes(family)):
-            if route == "rule":
-                step, st = celo2_rule.celo2_step(theta, st, g, p, self.orthogonalize)
-                lr = cfg.inner_lr
+            g, view = routing.view(g, route), routing.view(p, route)
+            if route.branch == routing.RULE:
+                new, st = celo2.update(
+                    theta, st, g, view, cfg.inner_lr, orthogonalize=self.orthogonalize
+                )
             else:
-                step, st = celo2_rule.adam_step(st, g, run["t"] + 1)
-                lr = cfg.inner_lr * cfg.adam_lr_ratio
-            new_params.append(celo2_rule.apply_step(p, step, lr))
+                new, st = adam.update(
+                    st, g, view, cfg.inner_lr * cfg.adam_lr_ratio, iteration=run["t"] + 1
+                )
+            new_params.append(routing.unview(new, p.shape))
             new_opt.append(st)
         run = dict(run, params=new_params, opt=new_opt, t=run["t"] + 1)
         return run, (family.normalized_loss(loss), reset)
 
     def _celo_update(self, theta, run, loss, grads):
-        """One Celo update of a run: loss buffer, scheduler, per-tensor MLP."""
+        """One Celo update of a run: the shared scheduler step, then each tensor."""
         import jax.numpy as jnp
 
         n = len(grads)
-        if self.config.phase == 1:
-            lr_mult = jnp.ones((n,))
-            lstm, buffer = run["lstm"], run["loss_buffer"]
-        else:
-            decays = celo_rule.loss_decays(run["horizon"])
-            # As the Keras optimizer: a non-finite loss leaves the buffer and
-            # the LSTM as they were.
-            ok = jnp.isfinite(loss)
-            features, buffer = celo_rule.update_loss_buffer(
-                run["loss_buffer"], jnp.where(ok, loss, 0.0), decays
-            )
-            buffer = {k: jnp.where(ok, v, run["loss_buffer"][k]) for k, v in buffer.items()}
-            inputs = celo_rule.scheduler_inputs(run["t"], run["horizon"], features, n)
-            fresh = run["lstm"]["fresh"]
-            init_hidden, init_cell = celo_rule.init_lstm_state(theta, n)
-            hidden = jnp.where(fresh, init_hidden, run["lstm"]["hidden"])
-            cell = jnp.where(fresh, init_cell, run["lstm"]["cell"])
-            lr_mult, _, new_hidden, new_cell = celo_rule.scheduler_step(theta, hidden, cell, inputs)
-            lstm = {
-                "hidden": jnp.where(ok, new_hidden, hidden),
-                "cell": jnp.where(ok, new_cell, cell),
-                "fresh": jnp.logical_and(run["lstm"]["fresh"], ~ok),
-            }
-        mlp = celo_rule.mix_mlp(theta)
+        lstm = run["lstm"]
+        init_hidden, init_cell = celo.init_lstm_state(theta, n)
+        state = dict(
+            run["loss_buffer"],
+            hidden=jnp.where(lstm["fresh"], init_hidden, lstm["hidden"]),
+            cell=jnp.where(lstm["fresh"], init_cell, lstm["cell"]),
+        )
+        lr_mult, _, loss_ok, state = celo.scheduler_update(
+            theta, state, loss, run["t"], run["horizon"], celo.loss_decays(run["horizon"]),
+            use_scheduler=self.config.phase == 2,
+        )
+        mlp = celo.mix_mlp(theta)
         new_params, new_opt = [], []
         for i, (p, g, st) in enumerate(zip(run["params"], grads, run["opt"])):
-            delta, st = celo_rule.celo_step(mlp, st, g, p)
-            new_params.append(p - lr_mult[i] * delta)
+            p, st = celo.update(mlp, st, g, p, lr_mult[i], loss_ok)
+            new_params.append(p)
             new_opt.append(st)
+        lstm = {
+            "hidden": state.pop("hidden"),
+            "cell": state.pop("cell"),
+            "fresh": jnp.logical_and(lstm["fresh"], ~loss_ok),
+        }
         return dict(
-            run, params=new_params, opt=new_opt, t=run["t"] + 1,
-            loss_buffer=buffer, lstm=lstm,
+            run, params=new_params, opt=new_opt, t=run["t"] + 1, loss_buffer=state, lstm=lstm,
         )
 
     # ----------------------------------------------------------- population
@@ -409,18 +332,17 @@ class PESMetaTrainer:
             losses.append(loss)
         grad = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *grads)
         t = state["iteration"] + 1
-        b1, b2 = cfg.outer_beta_1, cfg.outer_beta_2
-        m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state["adam_m"], grad)
-        v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state["adam_v"], grad)
-        tf = t.astype("float32")
-
-        def update(th, m, v):
-            m_hat = m / (1 - b1**tf)
-            v_hat = v / (1 - b2**tf)
-            step = m_hat / (jnp.sqrt(v_hat) + cfg.outer_epsilon)
-            return th - cfg.outer_lr * (step + cfg.outer_weight_decay * th)
-
-        theta = jax.tree_util.tree_map(update, theta, m, v)
+        theta, m, v = {}, {}, {}
+        for k in state["theta"]:
+            step, moments = adam.adam_step(
+                {"m": state["adam_m"][k], "v": state["adam_v"][k]}, grad[k], t,
+                beta_1=cfg.outer_beta_1, beta_2=cfg.outer_beta_2,
+                epsilon=cfg.outer_epsilon, bias_correction=True,
+            )
+            theta[k] = adam.apply_step(
+                state["theta"][k], step, cfg.outer_lr, cfg.outer_weight_decay
+            )
+            m[k], v[k] = moments["m"], moments["v"]
         grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grad)))
         new_state = {
             "theta": theta,

@@ -63,6 +63,8 @@ class TaskFamily:
             model = keras.Sequential(layers, name=f"task_{name}")
         self.model = model
         self.shapes = [tuple(v.shape) for v in self.model.trainable_variables]
+        # The optimizer routes tensors by path; the meta-trainer does the same.
+        self.paths = [v.path for v in self.model.trainable_variables]
         if max_loss is not None:
             self.max_loss = float(max_loss)
         elif objective == "classification":
@@ -206,10 +208,6 @@ FAMILIES = {
     ),
 }
 
-# The original four MLP families (what the first shipped weights used).
-MLP_FAMILIES = ("digits_mlp", "mnist1d_mlp", "teacher_mlp", "digits_deep_mlp")
-
-
 def make_families(names):
     """Builds task families by name (see `FAMILIES`)."""
     unknown = [n for n in names if n not in FAMILIES]
@@ -220,6 +218,6 @@ def make_families(names):
 
 def default_families():
     """The default meta-training distribution (`MetaTrainConfig.families`)."""
-    from keras_lopt.meta.pes import MetaTrainConfig
+    from keras_lopt.meta.config import MetaTrainConfig
 
     return make_families(list(MetaTrainConfig().families))

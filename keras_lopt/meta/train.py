@@ -10,9 +10,9 @@ import warnings
 
 import numpy as np
 
-from keras_lopt.meta.pes import MetaTrainConfig
+from keras_lopt.meta.config import MetaTrainConfig
 from keras_lopt.meta.pes import PESMetaTrainer
-from keras_lopt.optimizers.checkpoints import save_theta
+from keras_lopt.rules.theta import save_theta
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.csv"

@@ -1,39 +1,15 @@
 """`Celo`: the Celo learned optimizer with its learned, loss-aware scheduler."""
 
-import os
-
 import numpy as np
 from keras import ops
-from keras import optimizers
 from keras.saving import register_keras_serializable
 
-from keras_lopt.optimizers import celo_rule
-from keras_lopt.backend import densify
 from keras_lopt.backend import jit_when_eager
-from keras_lopt.optimizers.celo2 import _BASE_ARGS_DOC
-from keras_lopt.optimizers.celo2 import Celo2Base
-from keras_lopt.optimizers.celo2 import _check_float
-from keras_lopt.optimizers.celo2 import _if_finite
-from keras_lopt.optimizers.celo2 import _variable_path
-from keras_lopt.optimizers.checkpoints import load_theta
-from keras_lopt.optimizers.checkpoints import validate_theta
+from keras_lopt.optimizers.base import LearnedOptimizer
+from keras_lopt.optimizers.base import fill_base_args_doc
+from keras_lopt.rules import celo
 
-_WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
-
-
-def _celo_update(mlp, state, gradient, param, scale, loss_ok, weight_decay):
-    # Skipped with a `cond` rather than `where`, as in `celo2._rule_update`.
-    def update():
-        delta, new_state = celo_rule.celo_step(mlp, state, gradient, param)
-        p = ops.cast(param, "float32")
-        if weight_decay:
-            delta = delta + (celo_rule.STEP_MULT * weight_decay) * p
-        return p - scale * delta, new_state
-
-    return _if_finite(gradient, update, param, state, also=loss_ok)
-
-
-_celo_update = jit_when_eager(_celo_update, static_argnames=("weight_decay",))
+_celo_update = jit_when_eager(celo.update, static_argnames=("weight_decay",))
 
 _NEEDS_LOSS = (
     "Celo needs the training loss of the batch it updates on. In `fit`, pass "
@@ -62,8 +38,9 @@ def _check_total_steps(total_steps):
     return int(total_steps)
 
 
+@fill_base_args_doc
 @register_keras_serializable(package="keras_lopt")
-class Celo(optimizers.Optimizer):
+class Celo(LearnedOptimizer):
     """Celo: a learned per-element MLP driven by a learned LSTM scheduler.
 
     Every element of every variable goes through a tiny MLP (30 features ->
@@ -98,7 +75,7 @@ class Celo(optimizers.Optimizer):
         weights: meta-weights: `None` for keras-lopt's shipped weights, a
             path to a `.npz` (keras-lopt format) or `.state` (the authors'
             format, e.g. their released `theta.state`), or a dict of arrays
-            keyed by checkpoint path (`celo_rule.THETA_SHAPES`).
+            keyed by checkpoint path (`keras_lopt.rules.celo.THETA_SHAPES`).
         total_steps: the number of updates `T` of the run; `None` to have
             the `fit` callback set it.
         use_scheduler: `False` runs the MLP alone with `lr_mult = 1` (the
@@ -114,7 +91,7 @@ class Celo(optimizers.Optimizer):
     ...           callbacks=[keras_lopt.callbacks.FeedLossAndHorizon()])
     """
 
-    _default_weights_file = "celo.npz"
+    rule = "celo"
 
     def __init__(
         self,
@@ -123,32 +100,16 @@ class Celo(optimizers.Optimizer):
         total_steps=None,
         use_scheduler=True,
         weight_decay=None,
-        clipnorm=None,
-        clipvalue=None,
-        global_clipnorm=None,
-        use_ema=False,
-        ema_momentum=0.99,
-        ema_overwrite_frequency=None,
-        loss_scale_factor=None,
-        gradient_accumulation_steps=None,
         name="celo",
         **kwargs,
     ):
         super().__init__(
             learning_rate=learning_rate,
-            name=name,
+            weights=weights,
             weight_decay=weight_decay,
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
-            use_ema=use_ema,
-            ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency,
-            loss_scale_factor=loss_scale_factor,
-            gradient_accumulation_steps=gradient_accumulation_steps,
+            name=name,
             **kwargs,
         )
-        self.theta = self._load_weights(weights)
         self.bank_size = int(self.theta["rnn_params/rnn_to_controls/b"].shape[0])
         self.total_steps = _check_total_steps(total_steps)
         self.use_scheduler = use_scheduler
@@ -157,22 +118,6 @@ class Celo(optimizers.Optimizer):
         self._pending_horizon = self.total_steps
         self._pending_loss = None
         self._step_loss = None
-
-    def _load_weights(self, weights):
-        if weights is None:
-            path = os.path.join(_WEIGHTS_DIR, self._default_weights_file)
-            if not os.path.exists(path):
-                raise FileNotFoundError(
-                    f"keras-lopt's shipped Celo weights {path!r} are missing "
-                    "from this installation; pass `weights=` explicitly."
-                )
-            weights = path
-        theta = load_theta(weights, module=None)
-        bank = theta.get("rnn_params/rnn_to_controls/b")
-        bank_size = int(np.shape(bank)[0]) if bank is not None and np.ndim(bank) else 1
-        return validate_theta(
-            theta, celo_rule.theta_shapes(bank_size), what="Celo weights"
-        )
 
     # -- the horizon and the loss ------------------------------------------
 
@@ -197,7 +142,7 @@ class Celo(optimizers.Optimizer):
         self._pending_horizon = total_steps
         if self.built:
             self._horizon.assign(float(total_steps))
-            self._loss_decays.assign(celo_rule.loss_decays(total_steps))
+            self._loss_decays.assign(celo.loss_decays(total_steps))
 
     @property
     def horizon(self):
@@ -254,52 +199,34 @@ class Celo(optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        n = len(var_list)
-        self._rule_states = [None] * n
-        for var in var_list:
-            if self._overwrite_variable_with_gradient(var):
-                continue
-            _check_float(var)
-            index = self._get_variable_index(var)
-            prefix = _variable_path(var).replace("/", "_").replace(":", "_")
-            self._rule_states[index] = {
-                key: self.add_variable(shape, dtype="float32", name=f"{prefix}_{key}")
-                for key, shape in celo_rule.state_shapes(var.shape).items()
-            }
-        # NumPy, not ops: `build` may run inside a TensorFlow graph.
-        hidden, cell = (
-            np.tile(self.theta[f"lstm_init_state/{k}"], (max(n, 1), 1))
-            for k in ("hidden", "cell")
-        )
-        self._lstm_hidden = self.add_variable(
-            hidden.shape, initializer=lambda shape, dtype: hidden, name="lstm_hidden"
-        )
-        self._lstm_cell = self.add_variable(
-            cell.shape, initializer=lambda shape, dtype: cell, name="lstm_cell"
-        )
-        buffer = celo_rule.init_loss_buffer()
-        self._loss_means = self.add_variable(
-            buffer["means"].shape, initializer="zeros", name="loss_means"
-        )
-        self._loss_minimum = self.add_variable(
-            buffer["minimum"].shape,
-            initializer=lambda shape, dtype: np.full(shape, np.inf, "float32"),
-            name="loss_minimum",
-        )
-        self._loss_count = self.add_variable((), initializer="zeros", name="loss_count")
+        # One scheduler row per variable, as in training. NumPy, not ops:
+        # `build` may run inside a TensorFlow graph.
+        n = max(len(var_list), 1)
+        initial = {
+            "hidden": np.tile(self.theta["lstm_init_state/hidden"], (n, 1)),
+            "cell": np.tile(self.theta["lstm_init_state/cell"], (n, 1)),
+            "means": np.zeros((celo.N_LOSS_EMAS,), "float32"),
+            "minimum": np.full((celo.N_LOSS_EMAS,), np.inf, "float32"),
+            "count": np.zeros((), "float32"),
+        }
+        names = {"hidden": "lstm_hidden", "cell": "lstm_cell", "means": "loss_means",
+                 "minimum": "loss_minimum", "count": "loss_count"}
+        # Created in this order so that saved optimizer states keep loading.
+        self._scheduler_state = {
+            key: self._add_array(names[key], initial[key])
+            for key in ("hidden", "cell", "means", "minimum", "count")
+        }
         horizon = float(self._pending_horizon or 0)
-        decays = celo_rule.loss_decays(self._pending_horizon or 2)
-        self._horizon = self._add_scalar("horizon", horizon)
-        self._loss_decays = self.add_variable(
-            decays.shape, initializer=lambda shape, dtype: decays, name="loss_decays"
-        )
-        self._loss_sum = self.add_variable((), initializer="zeros", name="loss_sum")
-        self._last_lr_mult = self._add_scalar("last_lr_mult", 0.0)
-        self._theta_tensors = None
+        decays = celo.loss_decays(self._pending_horizon or 2)
+        self._horizon = self._add_array("horizon", np.asarray(horizon, "float32"))
+        self._loss_decays = self._add_array("loss_decays", decays)
+        self._loss_sum = self._add_array("loss_sum", np.zeros((), "float32"))
+        self._last_lr_mult = self._add_array("last_lr_mult", np.zeros((), "float32"))
 
-    def _add_scalar(self, name, value):
+    def _add_array(self, name, value):
+        value = np.asarray(value, "float32")
         return self.add_variable(
-            (), initializer=lambda shape, dtype: np.asarray(value, "float32"), name=name
+            value.shape, initializer=lambda shape, dtype: value, name=name
         )
 
     def load_own_variables(self, store):
@@ -308,14 +235,7 @@ class Celo(optimizers.Optimizer):
             self._horizon_known = True
             self._pending_horizon = self.horizon
 
-    # The same constant handling as Celo2's: cached only on eager torch.
-    _theta = Celo2Base._theta
-
     # -- the update ---------------------------------------------------------
-
-    def _apply_weight_decay(self, variables):
-        # Applied inside `update_step`, scaled like the learned step.
-        return
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         loss = self._take_loss()
@@ -335,82 +255,41 @@ class Celo(optimizers.Optimizer):
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         if not self._horizon_known:
             raise ValueError(_NEEDS_HORIZON)
-        loss = self._step_loss
-        loss_ok = ops.isfinite(loss)
         theta = self._theta()
-        n = self._lstm_hidden.shape[0]
         steps = self.gradient_accumulation_steps or 1
         t = ops.floor_divide(ops.cast(self._iterations, "float32"), float(steps))
-        buffer = {
-            "means": self._loss_means.value,
-            "minimum": self._loss_minimum.value,
-            "count": self._loss_count.value,
-        }
-        features, new_buffer = celo_rule.update_loss_buffer(
-            buffer, ops.where(loss_ok, loss, 0.0), self._loss_decays.value
+        state = {k: v.value for k, v in self._scheduler_state.items()}
+        lr_mult, control, loss_ok, new_state = celo.scheduler_update(
+            theta, state, self._step_loss, t, self._horizon.value,
+            self._loss_decays.value, use_scheduler=self.use_scheduler,
         )
-        if self.use_scheduler:
-            inputs = celo_rule.scheduler_inputs(t, self._horizon.value, features, n)
-            lr_mult, control, hidden, cell = celo_rule.scheduler_step(
-                theta, self._lstm_hidden.value, self._lstm_cell.value, inputs
-            )
-            self._lstm_hidden.assign(ops.where(loss_ok, hidden, self._lstm_hidden.value))
-            self._lstm_cell.assign(ops.where(loss_ok, cell, self._lstm_cell.value))
-        else:
-            lr_mult = ops.ones((n,), "float32")
-            control = None
-        for key, var in (
-            ("means", self._loss_means),
-            ("minimum", self._loss_minimum),
-            ("count", self._loss_count),
-        ):
-            var.assign(ops.where(loss_ok, new_buffer[key], var.value))
+        for key, var in self._scheduler_state.items():
+            var.assign(new_state[key])
         self._last_lr_mult.assign(ops.where(loss_ok, lr_mult[0], self._last_lr_mult.value))
         self._lr_mult = lr_mult
         self._loss_ok = loss_ok
         # One bank member: the softmax weight is exactly 1, so the mixed MLP
         # is the member itself and needs no per-variable work.
         self._control = control if self.bank_size > 1 else None
-        self._shared_mlp = None if self._control is not None else celo_rule.mix_mlp(theta)
+        self._shared_mlp = None if self._control is not None else celo.mix_mlp(theta)
         try:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
         finally:
             self._lr_mult = self._control = self._shared_mlp = self._loss_ok = None
 
-    def update_step(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
-        slots = self._rule_states[index]
-        gradient = densify(gradient)
+    def _rule_update(self, state, gradient, param, learning_rate, weight_decay, index):
         if self._control is None:
             mlp = self._shared_mlp
         else:
-            mlp = celo_rule.mix_mlp(self._theta(), self._control[index])
-        state = {k: v.value if hasattr(v, "value") else v for k, v in slots.items()}
-        scale = ops.cast(learning_rate, "float32") * self._lr_mult[index]
-        use_decay = self.weight_decay and self._use_weight_decay(variable)
-        new_value, new_state = _celo_update(
-            mlp, state, gradient, variable, scale, self._loss_ok,
-            weight_decay=self.weight_decay if use_decay else 0.0,
+            mlp = celo.mix_mlp(self._theta(), self._control[index])
+        return _celo_update(
+            mlp, state, gradient, param, learning_rate * self._lr_mult[index],
+            self._loss_ok, weight_decay=weight_decay,
         )
-        for key, slot in slots.items():
-            self.assign(slot, new_state[key])
-        self.assign(variable, ops.cast(new_value, variable.dtype))
 
     def get_config(self):
         config = super().get_config()
         config.update(
-            {
-                # The meta-weights themselves, so that a saved model loads
-                # anywhere and keeps them when a release ships new defaults.
-                "weights": {k: v.tolist() for k, v in self.theta.items()},
-                "total_steps": self.total_steps,
-                "use_scheduler": self.use_scheduler,
-            }
+            {"total_steps": self.total_steps, "use_scheduler": self.use_scheduler}
         )
         return config
-
-
-# Fill in the base optimizer arguments, as Keras does for its own optimizers.
-Celo.__doc__ = Celo.__doc__.replace(
-    "{{base_optimizer_keyword_args}}", _BASE_ARGS_DOC
-)

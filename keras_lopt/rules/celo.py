@@ -2,10 +2,11 @@
 
 One implementation, two drivers: the Keras optimizer `Celo` keeps the state
 below in optimizer variables; the meta-trainer runs the same functions
-inside `jax.jit`/`vmap`/`scan`. Nothing here branches on tensor values.
+inside `jax.jit`/`vmap`/`scan`. Both call `scheduler_update` once per update
+and `update` once per tensor. Nothing here branches on tensor values.
 
-The rule (spec: `docs/celo.md`; Moudgil et al., "Celo: Training Versatile
-Learned Optimizers on a Compute Diet", TMLR 2025) has two parts:
+The rule (Moudgil et al., "Celo: Training Versatile Learned Optimizers on a
+Compute Diet", TMLR 2025) has two parts:
 
 * a per-element MLP (30 -> 4 -> 4 -> 3) on the Celo2 features, giving a
   direction `d` and a log-magnitude `a`; the step of a tensor `p` is
@@ -21,7 +22,8 @@ checkpoint (`THETA_SHAPES`).
 import numpy as np
 from keras import ops
 
-from keras_lopt.optimizers import celo2_rule
+from keras_lopt.rules import celo2
+from keras_lopt.rules.guard import if_finite
 
 MLP_PREFIX = "ff_mod_stack/~/"
 HIDDEN_SIZE = 4
@@ -40,7 +42,7 @@ def theta_shapes(bank_size=1):
     shapes = {
         **{
             f"{MLP_PREFIX}w0__{i}": (k, w, HIDDEN_SIZE)
-            for i, w in enumerate(celo2_rule.FEATURE_WIDTHS)
+            for i, w in enumerate(celo2.FEATURE_WIDTHS)
         },
         f"{MLP_PREFIX}b0": (k, HIDDEN_SIZE),
         f"{MLP_PREFIX}w1": (k, HIDDEN_SIZE, HIDDEN_SIZE),
@@ -67,57 +69,8 @@ MLP_KEYS = tuple(k for k in THETA_SHAPES if k.startswith(MLP_PREFIX))
 SCHEDULER_KEYS = tuple(k for k in THETA_SHAPES if not k.startswith(MLP_PREFIX))
 
 
-def init_theta(seed=0):
-    """Fresh meta-weights: truncated-normal MLP as Celo2's, a small scheduler.
-
-    The MLP follows `celo2_rule.init_theta` (fan-in 30 / 4). The scheduler's
-    linear maps use Haiku's default (truncated normal, std 1/sqrt(fan_in));
-    the `step_size` head starts with zero weights and bias `log(10)`, so
-    `lr_mult = 0.1 * exp(log 10) = 1` and phase 2 starts from exactly the
-    phase-1 rule (which runs with no `lr_mult`).
-    """
-    rng = np.random.default_rng(seed)
-
-    def truncated(shape, fan_in):
-        out = rng.standard_normal(shape)
-        bad = np.abs(out) > 2.0
-        while bad.any():
-            out[bad] = rng.standard_normal(int(bad.sum()))
-            bad = np.abs(out) > 2.0
-        return (out / np.sqrt(fan_in)).astype("float32")
-
-    theta = {}
-    for name, shape in THETA_SHAPES.items():
-        leaf = name.rsplit("/", 1)[-1]
-        if name.startswith(MLP_PREFIX):
-            if leaf.startswith("b"):
-                theta[name] = np.zeros(shape, "float32")
-            elif leaf.startswith("w0__"):
-                theta[name] = truncated(shape, sum(celo2_rule.FEATURE_WIDTHS))
-            else:
-                theta[name] = truncated(shape, HIDDEN_SIZE)
-        elif name.startswith("lstm_init_state"):
-            theta[name] = np.zeros(shape, "float32")
-        elif leaf == "b":
-            theta[name] = np.zeros(shape, "float32")
-        else:
-            theta[name] = truncated(shape, shape[0])
-    theta["rnn_params/step_size/w"] = np.zeros((LSTM_SIZE, 1), "float32")
-    theta["rnn_params/step_size/b"] = np.full((1,), np.log(10.0), "float32")
-    return theta
-
-
 # ---------------------------------------------------------------------------
 # The per-element MLP.
-
-
-def state_shapes(shape):
-    """Per-tensor accumulators: the same layout as Celo2's."""
-    return celo2_rule.state_shapes(shape)
-
-
-def init_state(shape):
-    return celo2_rule.init_state(shape)
 
 
 def mix_mlp(theta, control=None):
@@ -151,12 +104,12 @@ def celo_step(mlp, state, grad, param):
         `param - lr_mult * delta`.
     """
     shape = tuple(grad.shape)
-    ws = celo2_rule.working_shape(shape)
+    ws = celo2.working_shape(shape)
     axes = tuple(range(len(ws)))
     g = ops.reshape(ops.cast(grad, "float32"), ws)
     p = ops.reshape(ops.cast(param, "float32"), ws)
-    g = ops.clip(g, -celo2_rule.GRAD_CLIP, celo2_rule.GRAD_CLIP)
-    (direction, magnitude), new_state = celo2_rule.learned_mlp(
+    g = ops.clip(g, -celo2.GRAD_CLIP, celo2.GRAD_CLIP)
+    (direction, magnitude), new_state = celo2.learned_mlp(
         state,
         g,
         p,
@@ -171,6 +124,25 @@ def celo_step(mlp, state, grad, param):
     scale = ops.sqrt(ops.mean(ops.square(p)) + 1e-9)
     delta = (STEP_MULT * direction) * ops.exp(EXP_MULT * magnitude) * scale
     return ops.reshape(delta, shape), new_state
+
+
+def update(mlp, state, gradient, param, scale, loss_ok=None, weight_decay=0.0):
+    """One guarded Celo update of one tensor: `(new_param, new_state)`.
+
+    `param - scale * (delta + 1e-3 * weight_decay * param)`, with `delta`
+    from `celo_step` and `scale` the learning-rate multiplier times the
+    scheduler's `lr_mult` for this tensor. A gradient with any non-finite
+    entry, or `loss_ok` false, leaves parameter and state as they were.
+    """
+
+    def step():
+        delta, new_state = celo_step(mlp, state, gradient, param)
+        p = ops.cast(param, "float32")
+        if weight_decay:
+            delta = delta + (STEP_MULT * weight_decay) * p
+        return p - scale * delta, new_state
+
+    return if_finite(gradient, step, param, state, also=loss_ok)
 
 
 # ---------------------------------------------------------------------------
@@ -280,3 +252,55 @@ def scheduler_inputs(t, total_steps, loss_features, n_tensors):
     """The 18 inputs, identical for every tensor, as `(n_tensors, 18)`."""
     row = ops.concatenate([progress_features(t, total_steps), loss_features])
     return ops.ones((n_tensors, 1), "float32") * ops.expand_dims(row, 0)
+
+
+# ---------------------------------------------------------------------------
+# One scheduler update, as both drivers run it.
+
+SCHEDULER_STATE = ("means", "minimum", "count", "hidden", "cell")
+
+
+def init_scheduler_state(theta, n_tensors):
+    """The loss buffer empty and the LSTM at its learned initial state."""
+    hidden, cell = init_lstm_state(theta, n_tensors)
+    return dict(init_loss_buffer(), hidden=hidden, cell=cell)
+
+
+def scheduler_update(theta, state, loss, t, total_steps, decays, use_scheduler=True):
+    """Feeds one training loss to the scheduler of all `n` tensors.
+
+    The loss enters the buffer, the buffer's features and the progress
+    `t / T` feed the LSTM, whose head gives each tensor's `lr_mult` and its
+    mix of the MLP bank. A non-finite loss changes nothing: every entry of
+    the state is kept and `loss_ok` is false, so that the caller skips the
+    whole update (`update(..., loss_ok=)`).
+
+    Args:
+        theta: the meta-weights (scheduler keys are used).
+        state: dict with `SCHEDULER_STATE` entries: the loss buffer
+            (`init_loss_buffer`) and the LSTM `hidden`, `cell` `(n, 64)`.
+        loss: the scalar training loss of the batch being applied.
+        t: updates done so far; `total_steps`: the run's `T`.
+        decays: `loss_decays(T)`.
+        use_scheduler: `False` gives `lr_mult = 1` and no mix (the rule of
+            the first meta-training phase); the buffer still advances.
+
+    Returns:
+        `(lr_mult (n,), control (n, bank) or None, loss_ok, new_state)`.
+    """
+    loss = ops.cast(loss, "float32")
+    loss_ok = ops.isfinite(loss)
+    buffer = {k: state[k] for k in ("means", "minimum", "count")}
+    features, new_state = update_loss_buffer(buffer, ops.where(loss_ok, loss, 0.0), decays)
+    n = state["hidden"].shape[0]
+    if use_scheduler:
+        inputs = scheduler_inputs(t, total_steps, features, n)
+        lr_mult, control, hidden, cell = scheduler_step(
+            theta, state["hidden"], state["cell"], inputs
+        )
+    else:
+        lr_mult, control = ops.ones((n,), "float32"), None
+        hidden, cell = state["hidden"], state["cell"]
+    new_state.update(hidden=hidden, cell=cell)
+    new_state = {k: ops.where(loss_ok, new_state[k], state[k]) for k in SCHEDULER_STATE}
+    return lr_mult, control, loss_ok, new_state

@@ -4,9 +4,10 @@ These functions are the single implementation of the Celo2 math. The Keras
 optimizers (`Celo2`, `Celo2Base`) wrap them in optimizer variables, and the
 meta-trainer (`keras_lopt.meta`) calls them inside `jax.jit`/`vmap`/`scan`.
 Nothing here branches on tensor values; every branch is on static shapes.
+Celo (`rules.celo`) reuses the accumulators, features and MLP
+(`learned_mlp`) with its own constants.
 
-The specification is `docs/celo2.md` of the project (Moudgil et al., "Celo2:
-Towards Learned Optimization Free Lunch", ICLR 2026).
+Moudgil et al., "Celo2: Towards Learned Optimization Free Lunch" (ICLR 2026).
 """
 
 import numpy as np
@@ -14,6 +15,8 @@ from keras import ops
 
 from keras_lopt.backend import compiles_elementwise_fusions
 from keras_lopt.backend import means
+from keras_lopt.rules.adam import apply_step
+from keras_lopt.rules.guard import if_finite
 
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAY = 0.95
@@ -34,34 +37,6 @@ THETA_SHAPES = {
     "w2": (HIDDEN_SIZE, 3),
     "b2": (3,),
 }
-
-
-def init_theta(seed=0):
-    """Returns freshly initialised meta-weights as a dict of NumPy arrays.
-
-    Truncated normal at +-2 sigma (sigma = 1/sqrt(fan_in) before truncation,
-    fan-in 30 for every `w0__k` block), zero biases, as in the reference.
-    """
-    rng = np.random.default_rng(seed)
-
-    def truncated(shape, fan_in):
-        sigma = 1.0 / np.sqrt(fan_in)
-        out = rng.standard_normal(shape)
-        bad = np.abs(out) > 2.0
-        while bad.any():
-            out[bad] = rng.standard_normal(int(bad.sum()))
-            bad = np.abs(out) > 2.0
-        return (sigma * out).astype("float32")
-
-    theta = {}
-    for name, shape in THETA_SHAPES.items():
-        if name.startswith("b"):
-            theta[name] = np.zeros(shape, "float32")
-        elif name.startswith("w0__"):
-            theta[name] = truncated(shape, sum(FEATURE_WIDTHS))
-        else:
-            theta[name] = truncated(shape, HIDDEN_SIZE)
-    return theta
 
 
 def working_shape(shape):
@@ -359,40 +334,19 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
     return ops.reshape(direction, shape), new_state
 
 
-def adam_step(state, grad, iteration, beta_1=0.9, beta_2=0.95, epsilon=1e-8,
-              bias_correction=False):
-    """The Adam branch of Celo2 for tensors the learned rule does not take.
+def update(theta, state, gradient, param, learning_rate, weight_decay=0.0,
+           orthogonalize=True):
+    """One guarded Celo2 update of one tensor: `(new_param, new_state)`.
 
-    Gradients are not clipped. With `bias_correction=False` (the variant the
-    meta-weights were trained with) the step is `m / sqrt(v + eps)`; with
-    `True` it is optax `adam`'s `m_hat / (sqrt(v_hat) + eps)`.
-
-    Args:
-        state: dict with float32 `m` and `v` of the parameter's shape.
-        grad: the gradient.
-        iteration: the 1-based count of this update (only used for bias
-            correction).
-
-    Returns:
-        `(step, new_state)`.
+    `param - lr * step - lr * weight_decay * param` with `step` from
+    `celo2_step`; a gradient with any non-finite entry leaves parameter and
+    state as they were. The new parameter is float32.
     """
-    g = ops.cast(grad, "float32")
-    m = beta_1 * state["m"] + (1.0 - beta_1) * g
-    v = beta_2 * state["v"] + (1.0 - beta_2) * ops.square(g)
-    if bias_correction:
-        t = ops.cast(iteration, "float32")
-        m_hat = m / (1.0 - ops.power(beta_1, t))
-        v_hat = v / (1.0 - ops.power(beta_2, t))
-        step = m_hat / (ops.sqrt(v_hat) + epsilon)
-    else:
-        step = m / ops.sqrt(v + epsilon)
-    return step, {"m": m, "v": v}
 
+    def step():
+        direction, new_state = celo2_step(
+            theta, state, gradient, param, orthogonalize=orthogonalize
+        )
+        return apply_step(param, direction, learning_rate, weight_decay), new_state
 
-def apply_step(param, step, learning_rate, weight_decay=0.0):
-    """`param - lr * step - lr * weight_decay * param`, in float32."""
-    p = ops.cast(param, "float32")
-    update = learning_rate * step
-    if weight_decay:
-        update = update + (learning_rate * weight_decay) * p
-    return p - update
+    return if_finite(gradient, step, param, state)

@@ -1,4 +1,9 @@
-"""Reading and writing the meta-weights ("theta") of learned optimizers.
+"""The meta-weights ("theta") of the learned rules: formats, loading, init.
+
+`load(rule, weights)` is what every driver calls: `None` means the weights
+shipped in `keras_lopt/rules/weights/`; the result is validated against the
+rule's shapes. `init_theta(rule, seed)` gives fresh meta-weights for
+meta-training.
 
 Two on-disk formats are understood:
 
@@ -11,7 +16,8 @@ Two on-disk formats are understood:
   float32 array per meta-weight under its flat name (`w0__0` ... `w0__13`,
   `w1`, `w2`, `b0`, `b1`, `b2` for Celo2), plus a string entry
   `__format__ = "keras_lopt.theta.v1"` and a string entry `__rule__` naming
-  the rule (`"celo2"`). Write it with `save_theta`.
+  the rule (`"celo2"`, `"celo2_base"` or `"celo"`). Write it with
+  `save_theta`; `load` refuses a file tagged for another rule.
 
 Both load into a flat `dict[str, np.ndarray]` that is then validated against
 the rule's expected shapes by `validate_theta`.
@@ -22,7 +28,15 @@ import os
 
 import numpy as np
 
+from keras_lopt.rules import celo
+from keras_lopt.rules import celo2
+
 FORMAT_TAG = "keras_lopt.theta.v1"
+RULES = ("celo2", "celo2_base", "celo")
+WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+# The authors' Celo2 checkpoints nest the MLP under this module; Celo's keep
+# the whole tree (MLP bank and scheduler), keyed by path.
+_AUTHORS_MODULE = {"celo2": "ff_mod_stack/~", "celo2_base": "ff_mod_stack/~", "celo": None}
 _MSGPACK_NDARRAY_EXT = 1
 
 
@@ -76,6 +90,20 @@ def read_flax_state(path):
             f"{type(tree).__name__} at the top level)."
         )
     return _flatten(tree)
+
+
+def _check_rule(rule):
+    if rule not in RULES:
+        raise ValueError(f"Unknown rule {rule!r}; choose from {RULES}.")
+
+
+def rule_tag(path):
+    """The `__rule__` entry of a keras-lopt `.npz`, or `None` (other formats)."""
+    with open(path, "rb") as f:
+        if not f.read(4).startswith(b"PK"):
+            return None
+    with np.load(path, allow_pickle=False) as archive:
+        return str(archive["__rule__"]) if "__rule__" in archive.files else None
 
 
 def load_theta(source, module="ff_mod_stack/~"):
@@ -159,3 +187,101 @@ def save_theta(path, theta, rule):
     np.savez(buffer, **arrays)
     with open(path, "wb") as f:
         f.write(buffer.getvalue())
+
+
+def theta_shapes(rule, theta=None):
+    """The shapes `rule`'s meta-weights must have (Celo's bank size is read
+    from `theta` when given)."""
+    _check_rule(rule)
+    if rule != "celo":
+        return celo2.THETA_SHAPES
+    bank = None if theta is None else theta.get("rnn_params/rnn_to_controls/b")
+    bank_size = int(np.shape(bank)[0]) if bank is not None and np.ndim(bank) else 1
+    return celo.theta_shapes(bank_size)
+
+
+def load(rule, weights=None, what=None):
+    """Loads and validates `rule`'s meta-weights.
+
+    Args:
+        rule: `"celo2"`, `"celo2_base"` or `"celo"`.
+        weights: `None` for keras-lopt's shipped weights, a path to a `.npz`
+            (keras-lopt's format, checked against its `__rule__` tag) or a
+            `.state` file (the authors' format), or a dict of arrays.
+        what: the name used in error messages.
+
+    Returns:
+        A dict of float32 NumPy arrays with exactly `theta_shapes(rule)`.
+    """
+    _check_rule(rule)
+    what = what or f"{rule} weights"
+    if weights is None:
+        path = os.path.join(WEIGHTS_DIR, f"{rule}.npz")
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"keras-lopt's shipped weights {path!r} are missing from this "
+                "installation; pass `weights=` explicitly."
+            )
+        weights = path
+    if isinstance(weights, (str, os.PathLike)) and os.path.exists(weights):
+        tag = rule_tag(os.fspath(weights))
+        if tag is not None and tag != rule:
+            raise ValueError(
+                f"{os.fspath(weights)!r} holds {tag!r} meta-weights, not {rule!r} "
+                f"ones: pass them to the optimizer of that rule, or pass "
+                f"{rule!r} weights here."
+            )
+    theta = load_theta(weights, module=_AUTHORS_MODULE[rule])
+    return validate_theta(theta, theta_shapes(rule, theta), what=what)
+
+
+def _truncated_normal(rng, shape, fan_in):
+    """Normal at +-2 sigma, `sigma = 1 / sqrt(fan_in)` before truncation."""
+    out = rng.standard_normal(shape)
+    bad = np.abs(out) > 2.0
+    while bad.any():
+        out[bad] = rng.standard_normal(int(bad.sum()))
+        bad = np.abs(out) > 2.0
+    return (out / np.sqrt(fan_in)).astype("float32")
+
+
+def _init_mlp(rng, shapes, prefix=""):
+    # Zero biases; the first layer's blocks share the fan-in of all 30
+    # features, as in the reference.
+    theta = {}
+    for name, shape in shapes.items():
+        leaf = name[len(prefix):]
+        if leaf.startswith("b"):
+            theta[name] = np.zeros(shape, "float32")
+        elif leaf.startswith("w0__"):
+            theta[name] = _truncated_normal(rng, shape, sum(celo2.FEATURE_WIDTHS))
+        else:
+            theta[name] = _truncated_normal(rng, shape, shape[-2])
+    return theta
+
+
+def init_theta(rule, seed=0):
+    """Freshly initialised meta-weights of `rule` as a dict of NumPy arrays.
+
+    The MLP (every rule): truncated-normal weights, zero biases. Celo's
+    scheduler: Haiku's default linear init (truncated normal, std
+    `1 / sqrt(fan_in)`), a zero initial LSTM state, and a `step_size` head of
+    zero weights and bias `log(10)`, so that `lr_mult = 0.1 * exp(log 10) = 1`
+    and phase 2 starts from exactly the phase-1 rule.
+    """
+    _check_rule(rule)
+    rng = np.random.default_rng(seed)
+    if rule != "celo":
+        return _init_mlp(rng, celo2.THETA_SHAPES)
+    theta = {}
+    for name, shape in celo.THETA_SHAPES.items():
+        leaf = name.rsplit("/", 1)[-1]
+        if name.startswith(celo.MLP_PREFIX):
+            theta.update(_init_mlp(rng, {name: shape}, celo.MLP_PREFIX))
+        elif name.startswith("lstm_init_state") or leaf == "b":
+            theta[name] = np.zeros(shape, "float32")
+        else:
+            theta[name] = _truncated_normal(rng, shape, shape[0])
+    theta["rnn_params/step_size/w"] = np.zeros((celo.LSTM_SIZE, 1), "float32")
+    theta["rnn_params/step_size/b"] = np.full((1,), np.log(10.0), "float32")
+    return theta

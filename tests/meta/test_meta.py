@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from keras_lopt.meta import tasks
-from keras_lopt.meta.pes import MetaTrainConfig
+from keras_lopt.meta.config import MetaTrainConfig
 
 jax_only = pytest.mark.skipif(keras.backend.backend() != "jax", reason="needs KERAS_BACKEND=jax")
 
@@ -112,9 +112,10 @@ def test_determinism_and_exact_resume(tmp_path):
     meta_train(tiny_config(), str(tmp_path / "c"), 2, families=tiny_families(), verbose=0)
     c = meta_train(tiny_config(), str(tmp_path / "c"), 4, families=tiny_families(), verbose=0)
     start = tiny_config()
-    from keras_lopt.optimizers import celo2_rule
+    from keras_lopt.rules import celo2
+    from keras_lopt.rules.theta import init_theta
 
-    theta0 = celo2_rule.init_theta(start.seed)
+    theta0 = init_theta("celo2", start.seed)
     assert any(not np.array_equal(a[k], theta0[k]) for k in a)
     for k in a:
         np.testing.assert_array_equal(a[k], c[k])
@@ -269,12 +270,13 @@ def test_inner_step_is_the_keras_optimizer_step(rule):
     from keras_lopt.meta.pes import PESMetaTrainer
     from keras_lopt.optimizers import Celo2
     from keras_lopt.optimizers import Celo2Base
-    from keras_lopt.optimizers import celo2_rule
+    from keras_lopt.rules import celo2
+    from keras_lopt.rules.theta import init_theta
 
     trainer = PESMetaTrainer(tiny_config(rule=rule, min_horizon=50, max_horizon=50),
                              families=tiny_families())
     family = trainer.families[0]
-    theta = celo2_rule.init_theta(seed=4)
+    theta = init_theta("celo2", seed=4)
     run = trainer._init_run(family, jax.random.PRNGKey(0))
     run["log_scale"] = jnp.zeros(())
     run["params"] = family.init_params(jax.random.PRNGKey(1))
@@ -314,8 +316,9 @@ def test_regression_family_and_init_weights(tmp_path):
     if keras.backend.backend() != "jax":
         pytest.skip("needs KERAS_BACKEND=jax")
     from keras_lopt.meta.pes import PESMetaTrainer
-    from keras_lopt.optimizers import celo2_rule
-    from keras_lopt.optimizers.checkpoints import save_theta
+    from keras_lopt.rules import celo2
+    from keras_lopt.rules.theta import init_theta
+    from keras_lopt.rules.theta import save_theta
 
     family = tasks.make_families(["teacher_regression"])[0]
     assert family.objective == "regression" and family.y.dtype == np.float32
@@ -326,7 +329,7 @@ def test_regression_family_and_init_weights(tmp_path):
     with pytest.raises(ValueError, match="objective"):
         tasks.TaskFamily("bad", family.x, family.y, (4,), 4, objective="ranking")
 
-    theta = {k: v + 0.5 for k, v in celo2_rule.init_theta(3).items()}
+    theta = {k: v + 0.5 for k, v in init_theta("celo2", 3).items()}
     path = str(tmp_path / "start.npz")
     save_theta(path, theta, "celo2")
     trainer = PESMetaTrainer(tiny_config(init_weights=path), families=tiny_families())
@@ -343,9 +346,10 @@ def test_celo_inner_steps_are_the_keras_optimizer_steps(tmp_path):
 
     from keras_lopt.meta.pes import PESMetaTrainer
     from keras_lopt.optimizers import Celo
-    from keras_lopt.optimizers import celo_rule
+    from keras_lopt.rules import celo
+    from keras_lopt.rules.theta import init_theta
 
-    theta = celo_rule.init_theta(seed=2)
+    theta = init_theta("celo", seed=2)
     rng = np.random.default_rng(0)
     # A scheduler that reacts to its inputs, so lr_mult differs from 1.
     theta["rnn_params/step_size/w"] = rng.normal(0, 0.3, (64, 1)).astype("float32")
@@ -362,7 +366,7 @@ def test_celo_inner_steps_are_the_keras_optimizer_steps(tmp_path):
     run["log_scale"] = jnp.zeros(())
     opt = Celo(weights=theta, total_steps=int(run["horizon"]))
     variables = [keras.Variable(np.asarray(p)) for p in run["params"]]
-    trained = {k: jnp.asarray(theta[k]) for k in celo_rule.SCHEDULER_KEYS}
+    trained = {k: jnp.asarray(theta[k]) for k in celo.SCHEDULER_KEYS}
     for _ in range(3):
         x, y = family.sample_batch(jax.random.fold_in(run["key"], run["t"]))
         loss, grads = jax.value_and_grad(lambda ps: family.loss(ps, x, y))(run["params"])
@@ -377,24 +381,25 @@ def test_celo_inner_steps_are_the_keras_optimizer_steps(tmp_path):
 def test_celo_two_phases_train_their_own_half(tmp_path):
     from keras_lopt.meta.train import meta_train
     from keras_lopt.optimizers import Celo
-    from keras_lopt.optimizers import celo_rule
+    from keras_lopt.rules import celo
+    from keras_lopt.rules.theta import init_theta
 
     with pytest.raises(ValueError, match="init_weights"):
         tiny_config(rule="celo", phase=2)
-    start = celo_rule.init_theta(0)
+    start = init_theta("celo", 0)
     # No outer weight decay: a change of theta then comes from the gradient.
     one = meta_train(tiny_config(rule="celo", phase=1, outer_weight_decay=0.0),
                      str(tmp_path / "p1"), 2, families=tiny_families(), verbose=0)
-    for k in celo_rule.SCHEDULER_KEYS:
+    for k in celo.SCHEDULER_KEYS:
         np.testing.assert_array_equal(one[k], start[k])
-    assert any(not np.array_equal(one[k], start[k]) for k in celo_rule.MLP_KEYS)
+    assert any(not np.array_equal(one[k], start[k]) for k in celo.MLP_KEYS)
     two = meta_train(
         tiny_config(rule="celo", phase=2, outer_weight_decay=0.0,
                     init_weights=str(tmp_path / "p1" / "theta.npz")),
         str(tmp_path / "p2"), 2, families=tiny_families(), verbose=0,
     )
-    for k in celo_rule.MLP_KEYS:
+    for k in celo.MLP_KEYS:
         np.testing.assert_array_equal(two[k], one[k])
-    assert any(not np.array_equal(two[k], one[k]) for k in celo_rule.SCHEDULER_KEYS)
+    assert any(not np.array_equal(two[k], one[k]) for k in celo.SCHEDULER_KEYS)
     # The written theta is complete: Celo loads it as is.
     Celo(weights=str(tmp_path / "p2" / "theta.npz"), total_steps=10)

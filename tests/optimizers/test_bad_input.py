@@ -9,7 +9,8 @@ from keras import ops
 
 from keras_lopt.optimizers import Celo2
 from keras_lopt.optimizers import Celo2Base
-from keras_lopt.optimizers import celo2_rule
+from keras_lopt.rules import celo2
+from keras_lopt.rules.theta import init_theta
 from keras_lopt.optimizers import save_theta
 
 OPTIMIZERS = [Celo2, Celo2Base]
@@ -120,9 +121,9 @@ def test_unusual_shapes_give_unit_rms_finite_steps(cls, shape):
     after = ops.convert_to_numpy(var)
     assert after.shape == tuple(shape)
     assert np.isfinite(after).all()
-    step = (before - after).reshape(celo2_rule.working_shape(shape))
+    step = (before - after).reshape(celo2.working_shape(shape))
     route = opt._routes[0]
-    if route == "rule":
+    if route.branch == "rule":
         # Unit RMS over the last two axes (one axis for vectors).
         axes = (-1,) if step.ndim == 1 else (-2, -1)
         rms = np.sqrt(np.mean(step.astype("float64") ** 2, axis=axes))
@@ -158,15 +159,32 @@ def test_integer_variables_are_rejected():
 
 
 def test_missing_and_misshaped_weights_are_named(tmp_path):
-    theta = celo2_rule.init_theta()
+    theta = init_theta("celo2")
     del theta["w1"]
     theta["w0__3"] = np.zeros((2, 8), "float32")
     with pytest.raises(ValueError, match=r"missing entries \['w1'\].*'w0__3' has shape \(2, 8\)"):
         Celo2(weights=theta)
     path = os.path.join(tmp_path, "bad.npz")
-    save_theta(path, theta, "celo2")
+    save_theta(path, theta, "celo2_base")
     with pytest.raises(ValueError, match="missing entries"):
         Celo2Base(weights=path)
+
+
+def test_weights_of_another_rule_are_refused(tmp_path):
+    # Celo2 and Celo2-base meta-weights have the same shapes but mean
+    # different rules: the file's `__rule__` tag decides.
+    from keras_lopt.optimizers import Celo
+    from keras_lopt.rules.theta import WEIGHTS_DIR
+
+    shipped_celo2 = os.path.join(WEIGHTS_DIR, "celo2.npz")
+    with pytest.raises(ValueError, match="holds 'celo2' meta-weights, not 'celo2_base'"):
+        Celo2Base(weights=shipped_celo2)
+    with pytest.raises(ValueError, match="holds 'celo2_base' meta-weights, not 'celo2'"):
+        Celo2(weights=os.path.join(WEIGHTS_DIR, "celo2_base.npz"))
+    with pytest.raises(ValueError, match="holds 'celo2' meta-weights, not 'celo'"):
+        Celo(weights=shipped_celo2, total_steps=10)
+    # The same arrays pass as a dict (no tag) and under their own rule.
+    Celo2Base(weights=dict(Celo2(weights=shipped_celo2).theta))
 
 
 def test_unreadable_weight_files(tmp_path):
@@ -182,7 +200,7 @@ def test_unreadable_weight_files(tmp_path):
 
 
 def test_weights_round_trip_through_npz(tmp_path):
-    theta = celo2_rule.init_theta(seed=5)
+    theta = init_theta("celo2", seed=5)
     path = os.path.join(tmp_path, "theta.npz")
     save_theta(path, theta, "celo2")
     opt = Celo2(weights=path)
@@ -200,8 +218,18 @@ def test_raw_tensorflow_variables():
     kernel = tf.Variable(np.ones((4, 3), "float32"), name="dense_kernel")
     bias = tf.Variable(np.zeros(3, "float32"), name="dense_bias")
     emb = tf.Variable(np.ones((10, 4), "float32"), name="embedding_table")
+    from keras_lopt.rules import adam
+    from keras_lopt.rules import routing
+
     opt = Celo2()
     grads = [tf.ones((4, 3)), tf.ones(3), tf.ones((10, 4))]
+    starts = [v.numpy() for v in (kernel, bias, emb)]
     opt.apply(grads, [kernel, bias, emb])
-    assert opt._routes == ["rule", "adam", "adam"]
-    assert not np.allclose(kernel.numpy(), 1.0)
+    assert [r.branch for r in opt._routes] == ["rule", "adam", "adam"]
+    # Named by `name` alone, the variables get the rules' exact first steps.
+    zeros = lambda route: {k: np.zeros(s, "float32") for k, s in routing.state_shapes(route).items()}
+    want_kernel, _ = celo2.update(opt.theta, zeros(opt._routes[0]), grads[0], starts[0], 1e-3)
+    np.testing.assert_allclose(kernel.numpy(), np.asarray(want_kernel), rtol=0, atol=1e-7)
+    for var, g, p, route in zip((bias, emb), grads[1:], starts[1:], opt._routes[1:]):
+        want, _ = adam.update(zeros(route), g, p, 20 * 1e-3, 1)
+        np.testing.assert_allclose(var.numpy(), np.asarray(want), rtol=0, atol=1e-7)

@@ -10,13 +10,14 @@ from keras import ops
 import keras_lopt
 from keras_lopt.callbacks import FeedLossAndHorizon
 from keras_lopt.optimizers import Celo
-from keras_lopt.optimizers import celo_rule
+from keras_lopt.rules import celo
+from keras_lopt.rules.theta import init_theta
 from keras_lopt.optimizers import load_theta
 
 def _active_theta():
     """Fresh weights whose scheduler reacts to its inputs (the init's
     `lr_mult` is a constant 1, which would hide wrong inputs)."""
-    theta = celo_rule.init_theta(0)
+    theta = init_theta("celo", 0)
     rng = np.random.default_rng(0)
     theta["rnn_params/step_size/w"] = rng.normal(0, 0.3, (64, 1)).astype("float32")
     return theta
@@ -34,7 +35,7 @@ def _np(x):
 
 def test_released_checkpoint_loads_with_every_entry(celo_reference):
     theta = load_theta(celo_reference["theta_path"], module=None)
-    assert {k: v.shape for k, v in theta.items()} == celo_rule.THETA_SHAPES
+    assert {k: v.shape for k, v in theta.items()} == celo.THETA_SHAPES
     assert sum(v.size for v in theta.values()) == 37089
     cases = celo_reference["cases"]
     for name, value in theta.items():
@@ -72,32 +73,32 @@ def test_public_optimizer_reproduces_reference_trajectory(celo_reference):
     # The loss buffer and the LSTM state match the reference after the run.
     last = len(cases["celo/losses"]) - 1
     np.testing.assert_allclose(
-        _np(optimizer._loss_means.value), cases[f"celo/loss_buffer/means/{last}"], rtol=1e-6
+        _np(optimizer._scheduler_state["means"].value), cases[f"celo/loss_buffer/means/{last}"], rtol=1e-6
     )
     np.testing.assert_allclose(
-        _np(optimizer._lstm_hidden.value), cases[f"celo/lstm_hidden/{last}"], atol=1e-5
+        _np(optimizer._scheduler_state["hidden"].value), cases[f"celo/lstm_hidden/{last}"], atol=1e-5
     )
 
 
 def test_loss_buffer_and_progress_features_match_reference(celo_reference):
     cases = celo_reference["cases"]
     total = int(cases["celo/num_steps"])
-    decays = celo_rule.loss_decays(total)
+    decays = celo.loss_decays(total)
     np.testing.assert_array_equal(decays, cases["celo/loss_buffer/decays"])
-    buffer = celo_rule.init_loss_buffer()
+    buffer = celo.init_loss_buffer()
     for t, loss in enumerate(cases["celo/losses"]):
-        features, buffer = celo_rule.update_loss_buffer(buffer, loss, decays)
+        features, buffer = celo.update_loss_buffer(buffer, loss, decays)
         np.testing.assert_allclose(_np(features), cases[f"celo/loss_features/{t}"], atol=5e-5)
         np.testing.assert_allclose(
             _np(buffer["minimum"]), cases[f"celo/loss_buffer/running_min/{t}"], rtol=1e-5
         )
-        inputs = _np(celo_rule.scheduler_inputs(t, total, features, 8))
+        inputs = _np(celo.scheduler_inputs(t, total, features, 8))
         np.testing.assert_allclose(inputs, cases[f"celo/lstm_input/{t}"], atol=5e-5)
 
 
 def test_shipped_weights_are_the_default_and_complete():
     optimizer = Celo(total_steps=10)
-    assert {k: v.shape for k, v in optimizer.theta.items()} == celo_rule.THETA_SHAPES
+    assert {k: v.shape for k, v in optimizer.theta.items()} == celo.THETA_SHAPES
     assert all(np.isfinite(v).all() for v in optimizer.theta.values())
 
 
@@ -259,7 +260,7 @@ def test_gradient_accumulation_updates_with_the_mean_loss():
     np.testing.assert_allclose(
         _np(optimizer.seen.value)[:4], losses.reshape(4, 2).mean(axis=1), rtol=2e-4
     )
-    assert float(_np(optimizer._loss_count.value)) == 4.0
+    assert float(_np(optimizer._scheduler_state["count"].value)) == 4.0
 
 
 def test_fit_without_the_callback_or_horizon_says_what_to_do():
@@ -300,9 +301,9 @@ def test_save_and_load_resumes_the_identical_trajectory(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     opt = loaded.optimizer
-    for name in ("_lstm_hidden", "_lstm_cell", "_loss_means", "_loss_minimum", "_loss_count"):
+    for name, var in opt._scheduler_state.items():
         np.testing.assert_array_equal(
-            _np(getattr(opt, name).value), _np(getattr(model.optimizer, name).value)
+            _np(var.value), _np(model.optimizer._scheduler_state[name].value)
         )
     assert opt.horizon == 16 and isinstance(opt, Celo)
     loaded.fit(x, y, epochs=2, initial_epoch=1, **fit)
@@ -334,7 +335,7 @@ def test_loss_scale_factor_and_loss_scale_optimizer():
         model.compile(optimizer=optimizer, loss="mse")
         model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[FeedLossAndHorizon()])
         results.append([_np(v.value) for v in model.weights])
-        means.append(_np(inner._loss_means.value))
+        means.append(_np(inner._scheduler_state["means"].value))
         seen.append(_np(inner.seen.value)[:8])
     # The optimizer sees the unscaled loss, so the loss EMAs and the
     # trajectory do not depend on loss scaling.
@@ -397,7 +398,7 @@ def test_non_finite_gradient_leaves_that_variable_alone():
     optimizer.apply([ops.convert_to_tensor(bad), ops.ones((3,))], variables, loss=1.0)
     np.testing.assert_array_equal(_np(variables[0].value), w0)
     assert not np.array_equal(_np(variables[1].value), b0)
-    for slot in optimizer._rule_states[0].values():
+    for slot in optimizer._states[0].values():
         np.testing.assert_array_equal(_np(slot.value), 0.0)
 
 
@@ -428,10 +429,11 @@ def test_bad_total_steps_are_rejected(steps):
 
 
 def test_wrong_weights_name_what_is_missing(tmp_path):
-    from keras_lopt.optimizers import celo2_rule
+    from keras_lopt.rules import celo2
+    from keras_lopt.rules.theta import init_theta
 
     with pytest.raises(ValueError, match="missing entries"):
-        Celo(weights=celo2_rule.init_theta(0))
+        Celo(weights=init_theta("celo2", 0))
     theta = dict(THETA)
     theta["rnn_params/step_size/w"] = np.zeros((32, 1), "float32")
     with pytest.raises(ValueError, match="step_size/w"):
@@ -480,6 +482,6 @@ def test_weight_decay_adds_its_term_to_the_step_of_decayed_variables_only():
     (start, plain, _), (_, decayed, optimizer) = runs[0.0], runs[0.1]
     scale = float(_np(optimizer.learning_rate)) * optimizer.lr_mult
     np.testing.assert_allclose(
-        plain[0] - decayed[0], scale * celo_rule.STEP_MULT * 0.1 * start[0], rtol=1e-4, atol=1e-7
+        plain[0] - decayed[0], scale * celo.STEP_MULT * 0.1 * start[0], rtol=1e-4, atol=1e-7
     )
     np.testing.assert_array_equal(plain[1], decayed[1])

@@ -9,7 +9,8 @@ from keras import ops
 
 from keras_lopt.optimizers import Celo2
 from keras_lopt.optimizers import Celo2Base
-from keras_lopt.optimizers import celo2_rule
+from keras_lopt.rules import celo2
+from keras_lopt.rules.theta import init_theta
 
 OPTIMIZERS = [Celo2, Celo2Base]
 
@@ -72,7 +73,7 @@ def test_save_load_resumes_identical_trajectory(cls, tmp_path):
 
 
 def test_config_round_trip_with_custom_weights():
-    theta = celo2_rule.init_theta(seed=3)
+    theta = init_theta("celo2", seed=3)
     opt = Celo2(
         learning_rate=keras.optimizers.schedules.CosineDecay(1e-3, 100),
         weights=theta,
@@ -113,7 +114,7 @@ def test_routing_embeddings_biases_and_excluded_layers():
     opt = Celo2(exclude_layers=["head"])
     opt.build(model.trainable_variables)
     routes = {
-        v.path.split("/", 1)[1]: opt._routes[opt._get_variable_index(v)]
+        v.path.split("/", 1)[1]: opt._routes[opt._get_variable_index(v)].branch
         for v in model.trainable_variables
     }
     assert routes == {
@@ -125,10 +126,10 @@ def test_routing_embeddings_biases_and_excluded_layers():
     }
     opt = Celo2(exclude_embeddings=False)
     opt.build(model.trainable_variables)
-    assert opt._routes[0] == "rule"
+    assert opt._routes[0].branch == "rule"
     base = Celo2Base()
     base.build(model.trainable_variables)
-    assert set(base._routes) == {"rule"}
+    assert {r.branch for r in base._routes} == {"rule"}
 
 
 def test_embedding_model_fits():

@@ -7,7 +7,8 @@ from keras import ops
 
 from keras_lopt.optimizers import Celo2
 from keras_lopt.optimizers import Celo2Base
-from keras_lopt.optimizers import celo2_rule
+from keras_lopt.rules import celo2
+from keras_lopt.rules.theta import init_theta
 from keras_lopt.optimizers import load_theta
 from keras_lopt.backend import jit_when_eager
 
@@ -35,7 +36,7 @@ def _variables(cases):
 def test_theta_file_matches_reference_arrays(reference):
     theta = load_theta(reference["theta_path"])
     cases = reference["cases"]
-    assert sorted(theta) == sorted(celo2_rule.THETA_SHAPES)
+    assert sorted(theta) == sorted(celo2.THETA_SHAPES)
     for name, value in theta.items():
         np.testing.assert_array_equal(value, cases[f"theta/ff_mod_stack/~/{name}"])
 
@@ -45,10 +46,10 @@ def test_rule_steps_and_state_match_reference(reference, variant):
     cases = reference["cases"]
     theta = load_theta(reference["theta_path"])
     # On JAX, the compiled form that `fit` and the meta-trainer run.
-    rule = jit_when_eager(celo2_rule.celo2_step, static_argnames=("orthogonalize",))
+    rule = jit_when_eager(celo2.celo2_step, static_argnames=("orthogonalize",))
     for leaf in _leaves(cases):
         param = cases[f"params0/{leaf}"]
-        state = celo2_rule.init_state(param.shape)
+        state = celo2.init_state(param.shape)
         for t in range(STEPS):
             step, state = rule(
                 theta,
@@ -124,4 +125,4 @@ def test_celo2_routing_matches_reference_mask(reference):
                     cases["meta/full_adam_mask"]))
     for leaf, var in variables.items():
         route = optimizer._routes[optimizer._get_variable_index(var)]
-        assert (route == "adam") == bool(mask[leaf]), leaf
+        assert (route.branch == "adam") == bool(mask[leaf]), leaf

@@ -1,0 +1,79 @@
+"""The configuration of a meta-training run."""
+
+import dataclasses
+
+from keras_lopt.rules.theta import RULES
+
+
+@dataclasses.dataclass
+class MetaTrainConfig:
+    """Hyper-parameters of a meta-training run (all recorded in checkpoints).
+
+    Args:
+        rule: `"celo2"` (orthogonalised rule on matrices, Adam branch on
+            vectors), `"celo2_base"` (the rule on every tensor) or `"celo"`
+            (Celo v1: MLP plus learned LSTM scheduler on every tensor).
+        phase: Celo only. `1` meta-trains the MLP with no scheduler
+            (`lr_mult = 1`); `2` freezes the MLP (from `init_weights`) and
+            meta-trains the scheduler. Inner runs then hand their raw
+            training loss and horizon to the rule.
+        seed: seeds everything; equal seeds give identical runs.
+        pairs_per_family: antithetic pairs per task family.
+        truncation: inner steps per outer iteration.
+        min_horizon, max_horizon: inner horizons are drawn log-uniformly.
+        sigma: PES perturbation scale.
+        outer_lr: AdamW learning rate on the meta-weights.
+        outer_weight_decay: AdamW decoupled weight decay.
+        inner_lr: learning rate of the learned rule in inner runs (Celo2
+            rules; Celo has none: its step is `1e-3 * ... * lr_mult`).
+        adam_lr_ratio: Adam-branch multiplier (rule `"celo2"` only).
+        min_scale, max_scale: range of the log-uniform reparametrisation
+            scale `s` (the task optimises `L(s * w)` from `w0 / s`).
+        families: names of the task families (`tasks.FAMILIES`).
+        init_weights: optional path of meta-weights (`.npz` or the
+            authors' `.state`) to start from instead of a random
+            initialisation, e.g. to continue from shipped weights with a
+            new task mix.
+    """
+
+    rule: str = "celo2"
+    phase: int = 1
+    seed: int = 0
+    pairs_per_family: int = 8
+    truncation: int = 50
+    min_horizon: int = 100
+    max_horizon: int = 2000
+    sigma: float = 0.01
+    outer_lr: float = 3e-4
+    outer_beta_1: float = 0.9
+    outer_beta_2: float = 0.999
+    outer_epsilon: float = 1e-8
+    outer_weight_decay: float = 1e-4
+    inner_lr: float = 1e-3
+    adam_lr_ratio: float = 20.0
+    min_scale: float = 1e-3
+    max_scale: float = 1e3
+    families: tuple = (
+        "digits_mlp",
+        "mnist1d_mlp",
+        "teacher_mlp",
+        "mnist1d_conv",
+        "teacher_regression",
+        "raw_scale_binary",
+    )
+    init_weights: str = ""
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}; received {self.rule!r}.")
+        if self.phase not in (1, 2):
+            raise ValueError(f"phase must be 1 or 2; received {self.phase!r}.")
+        if self.rule == "celo" and self.phase == 2 and not self.init_weights:
+            raise ValueError(
+                "Celo phase 2 trains the scheduler on a frozen phase-1 MLP: "
+                "pass init_weights (the phase-1 theta.npz)."
+            )
+        if self.pairs_per_family < 1 or self.truncation < 1:
+            raise ValueError("pairs_per_family and truncation must be >= 1.")
+        if not 1 <= self.min_horizon <= self.max_horizon:
+            raise ValueError("Need 1 <= min_horizon <= max_horizon.")

@@ -1,0 +1,174 @@
+"""What every learned optimizer shares: weights, routing, state, config."""
+
+from keras import backend
+from keras import ops
+from keras import optimizers
+
+from keras_lopt.backend import densify
+from keras_lopt.rules import routing
+from keras_lopt.rules import theta as theta_lib
+
+try:
+    from keras.src.optimizers.base_optimizer import (
+        base_optimizer_keyword_args as BASE_ARGS_DOC,
+    )
+except ImportError:  # a private name of Keras; only docstrings use it
+    BASE_ARGS_DOC = "Any other argument of `keras.optimizers.Optimizer`."
+
+
+def fill_base_args_doc(cls):
+    """Fills in the base optimizer arguments, as Keras does for its own."""
+    cls.__doc__ = cls.__doc__.replace("{{base_optimizer_keyword_args}}", BASE_ARGS_DOC)
+    return cls
+
+
+def variable_path(variable):
+    # Raw TensorFlow variables have no `path`; their name is the closest thing.
+    return getattr(variable, "path", None) or getattr(variable, "name", "") or ""
+
+
+def _check_float(variable):
+    dtype = str(getattr(variable.dtype, "name", variable.dtype))
+    if "float" not in dtype:
+        raise TypeError(
+            f"Learned optimizers update floating-point variables only; "
+            f"{variable_path(variable)!r} has dtype {dtype}."
+        )
+
+
+def _values(slots):
+    return {k: v.value if hasattr(v, "value") else v for k, v in slots.items()}
+
+
+class LearnedOptimizer(optimizers.Optimizer):
+    """Base class of the learned optimizers (not for direct use).
+
+    A subclass names its `rule` (`"celo2"`, `"celo2_base"`, `"celo"`, which
+    selects its meta-weights and its routing policy in
+    `keras_lopt.rules.routing`) and implements `_rule_update`; a subclass
+    with an Adam branch also implements `_adam_update`. This class loads and
+    validates the meta-weights, routes every variable in `build` and creates
+    its state, runs the per-variable update, and embeds the meta-weights in
+    `get_config`.
+    """
+
+    rule = None
+
+    def __init__(
+        self,
+        learning_rate,
+        weights=None,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name=None,
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name or self.__class__.__name__.lower(),
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            **kwargs,
+        )
+        self.theta = theta_lib.load(
+            self.rule, weights, what=f"{self.__class__.__name__} weights"
+        )
+        self._theta_tensors = None
+
+    # -- routing and state ------------------------------------------------
+
+    def _route(self, variable):
+        """This optimizer's `routing.route` of `variable`."""
+        return routing.route(variable.shape, variable_path(variable), self.rule)
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._routes = [None] * len(var_list)
+        self._states = [None] * len(var_list)
+        for var in var_list:
+            if self._overwrite_variable_with_gradient(var):
+                continue
+            _check_float(var)
+            index = self._get_variable_index(var)
+            route = self._route(var)
+            prefix = variable_path(var).replace("/", "_").replace(":", "_")
+            if route.branch == routing.ADAM:
+                prefix += "_adam"
+            self._routes[index] = route
+            self._states[index] = {
+                key: self.add_variable(shape, dtype="float32", name=f"{prefix}_{key}")
+                for key, shape in routing.state_shapes(route).items()
+            }
+
+    def _theta(self):
+        # Graph backends (jax tracing, tf.function) must create the constants
+        # inside each trace; only eager torch can reuse one set of tensors.
+        if backend.backend() != "torch":
+            return self.theta
+        if self._theta_tensors is None:
+            self._theta_tensors = {
+                k: ops.convert_to_tensor(v) for k, v in self.theta.items()
+            }
+        return self._theta_tensors
+
+    # -- the update -------------------------------------------------------
+
+    def _apply_weight_decay(self, variables):
+        # Decay is applied inside `update_step`, scaled like each branch's
+        # step and after the rule has seen the un-decayed parameter.
+        return
+
+    def _decay(self, variable):
+        if not self.weight_decay or not self._use_weight_decay(variable):
+            return 0.0
+        return self.weight_decay
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        route = self._routes[index]
+        slots = self._states[index]
+        gradient = routing.view(densify(gradient), route)
+        param = routing.view(variable, route)
+        branch = self._rule_update if route.branch == routing.RULE else self._adam_update
+        new_value, new_state = branch(
+            _values(slots), gradient, param, ops.cast(learning_rate, "float32"),
+            self._decay(variable), index,
+        )
+        for key, slot in slots.items():
+            self.assign(slot, new_state[key])
+        new_value = routing.unview(new_value, variable.shape)
+        self.assign(variable, ops.cast(new_value, variable.dtype))
+
+    def _rule_update(self, state, gradient, param, learning_rate, weight_decay, index):
+        """`(new_param, new_state)` of the learned rule for one variable."""
+        raise NotImplementedError
+
+    def _adam_update(self, state, gradient, param, learning_rate, weight_decay, index):
+        """`(new_param, new_state)` of the Adam branch for one variable."""
+        raise NotImplementedError(
+            f"{self.__class__.__name__} routes no variable to Adam."
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        # The meta-weights themselves, never a path or "the shipped ones": a
+        # saved model then loads anywhere, and keeps its weights when a later
+        # release ships new defaults.
+        config["weights"] = {k: v.tolist() for k, v in self.theta.items()}
+        return config
