@@ -1,10 +1,11 @@
 """Compare optimizers on held-out tasks outside the meta-training distribution.
 
-Run from the repository root, on any Keras backend:
+Run from the repository root as a module of the `benchmarks` package, on any
+Keras backend:
 
-    KERAS_BACKEND=jax .venv/bin/python benchmarks/evaluate.py            # full run
-    KERAS_BACKEND=torch .venv/bin/python benchmarks/evaluate.py --quick  # smoke test
-    .venv/bin/python benchmarks/evaluate.py --tasks cnn_digits --optimizers celo2 adamw
+    KERAS_BACKEND=jax .venv/bin/python -m benchmarks.evaluate            # full run
+    KERAS_BACKEND=torch .venv/bin/python -m benchmarks.evaluate --quick  # smoke test
+    .venv/bin/python -m benchmarks.evaluate --tasks cnn_digits --optimizers celo2 adamw
 
 Tasks (`benchmarks/eval_tasks.py`): a CNN on sklearn digits images, a
 byte-level causal Transformer LM on the standard library's Python sources, an
@@ -62,23 +63,26 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 import traceback
 from typing import Callable
 
-import keras
-import numpy as np
-from scipy.stats import trim_mean
+if not __package__:  # `python benchmarks/evaluate.py`: `benchmarks` is not importable
+    sys.exit("Run from the repository root as a module: python -m benchmarks.evaluate "
+             + shlex.join(sys.argv[1:]))
 
-# Runs from a checkout: the benchmarks folder and the repository root.
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.stats import trim_mean  # noqa: E402
 
 import keras_lopt  # noqa: E402
 from keras_lopt.callbacks import FeedLossAndHorizon  # noqa: E402
-from eval_tasks import HEAD  # noqa: E402
-from eval_tasks import TASKS  # noqa: E402
+from benchmarks.eval_tasks import HEAD  # noqa: E402
+from benchmarks.eval_tasks import TASKS  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 QUICK_LR_GRID = (1e-3, 1e-2)
@@ -531,7 +535,8 @@ def log(message):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluate",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS),
                         default=[name for name, spec in OPTIMIZERS.items() if spec.default],
