@@ -1,16 +1,18 @@
 """Compare optimizers on held-out tasks outside the meta-training distribution.
 
-Run from the repository root, on any Keras backend:
+Run from the repository root as a module of the `benchmarks` package, on any
+Keras backend:
 
-    KERAS_BACKEND=jax .venv/bin/python benchmarks/evaluate.py            # full run
-    KERAS_BACKEND=torch .venv/bin/python benchmarks/evaluate.py --quick  # smoke test
-    .venv/bin/python benchmarks/evaluate.py --tasks cnn_digits --optimizers celo2 adamw
+    KERAS_BACKEND=jax .venv/bin/python -m benchmarks.evaluate            # full run
+    KERAS_BACKEND=torch .venv/bin/python -m benchmarks.evaluate --quick  # smoke test
+    .venv/bin/python -m benchmarks.evaluate --tasks cnn_digits --optimizers celo2 adamw
 
 Tasks (`benchmarks/eval_tasks.py`): a CNN on sklearn digits images, a
 byte-level causal Transformer LM on the standard library's Python sources, an
 MLP on sklearn's breast-cancer data and an MLP autoencoder on sklearn digits.
 
-Optimizers (`OPTIMIZERS`; add more with `register_optimizer`): the learned
+Optimizers (`OPTIMIZERS`; add more with `register_optimizer`, before
+`main` runs): the learned
 `Celo2` and `Celo2Base` run once at their defaults (learning rate 1e-3, the
 shipped meta-weights, no tuning); `AdamW` and `Muon` (output layer excluded,
 as Muon's documentation recommends) are swept over `--lrs` and the learning
@@ -62,28 +64,77 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 import traceback
 from typing import Callable
 
-import keras
-import numpy as np
-from scipy.stats import trim_mean
+if not __package__:  # `python benchmarks/evaluate.py`: `benchmarks` is not importable
+    sys.exit("Run from the repository root as a module: python -m benchmarks.evaluate "
+             + shlex.join(sys.argv[1:]))
 
-# Runs from a checkout: the benchmarks folder and the repository root.
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.stats import trim_mean  # noqa: E402
 
 import keras_lopt  # noqa: E402
 from keras_lopt.callbacks import FeedLossAndHorizon  # noqa: E402
-from eval_tasks import HEAD  # noqa: E402
-from eval_tasks import TASKS  # noqa: E402
+from benchmarks.eval_tasks import HEAD  # noqa: E402
+from benchmarks.eval_tasks import TASKS  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 QUICK_LR_GRID = (1e-3, 1e-2)
 QUICK_STEPS = 20
 REFERENCE = "adamw"
+DEFAULT_OUT = os.path.join(HERE, "results")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation's settings: the command line, parsed and frozen.
+
+    Built once by `main` (`EvalConfig.from_args`) and passed to whatever
+    builds optimizers or runs tasks, so nothing reads settings from module
+    state.
+
+    Attributes:
+        tasks: names in `TASKS`, in the order they run.
+        optimizers: names in `OPTIMIZERS`, in report order.
+        steps: training steps per run.
+        lrs: learning rates tuned optimizers are swept over.
+        seed: seed of every run's initialisation and batches.
+        schedule: "constant", or "cosine" decay to 0 over `steps`.
+        celo2_weights, celo2_base_weights, celo_weights: meta-weights files
+            of Celo2 / Celo2Base / Celo; None means the shipped defaults.
+        learned_weight_decay: weight decay of Celo2 / Celo2Base; None: none.
+        out: folder the reports are written to.
+    """
+
+    tasks: tuple
+    optimizers: tuple
+    steps: int
+    lrs: tuple
+    seed: int = 0
+    schedule: str = "constant"
+    celo2_weights: str | None = None
+    celo2_base_weights: str | None = None
+    celo_weights: str | None = None
+    learned_weight_decay: float | None = None
+    out: str = DEFAULT_OUT
+
+    @classmethod
+    def from_args(cls, args):
+        """The config of `parse_args`' namespace (`steps` and `lrs` resolved)."""
+        return cls(
+            tasks=tuple(args.tasks), optimizers=tuple(args.optimizers), steps=args.steps,
+            lrs=tuple(args.lrs), seed=args.seed, schedule=args.schedule,
+            celo2_weights=args.celo2_weights, celo2_base_weights=args.celo2_base_weights,
+            celo_weights=args.celo_weights, learned_weight_decay=args.learned_weight_decay,
+            out=args.out,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +143,12 @@ class OptimizerSpec:
 
     Attributes:
         label: name shown in reports.
-        make: `make(learning_rate)` returns a fresh optimizer; untuned
-            optimizers get `None` and use their own default.
+        make: `make(learning_rate, config)` returns a fresh optimizer for a
+            run under `config` (an `EvalConfig`); untuned optimizers get
+            `learning_rate=None` and use their own default.
         tuned: sweep the `--lrs` grid and keep the best final loss.
-        loss_aware: `make(None, steps)` builds it for a run of `steps`
-            updates, and it is handed each batch's loss (Celo).
+        loss_aware: built with `make(None, config)` for a run of
+            `config.steps` updates, and handed each batch's loss (Celo).
         default: run when `--optimizers` is not given.
     """
 
@@ -111,24 +163,26 @@ OPTIMIZERS = {}
 
 
 def register_optimizer(name, label, make, tuned=False, loss_aware=False, default=True):
-    """Adds an optimizer to the registry (and, if `default`, to the default selection)."""
+    """Adds an optimizer to the registry (and, if `default`, to the default selection).
+
+    `make(learning_rate, config)` builds it (see `OptimizerSpec`).
+    """
     OPTIMIZERS[name] = OptimizerSpec(label, make, tuned, loss_aware, default)
 
 
 # The learned optimizers are untuned: `lr` is None, or a schedule that starts
 # at their default 1e-3 (`--schedule cosine`). `--celo2-weights` /
-# `--celo2-base-weights` evaluate candidate meta-weights instead of the
-# shipped defaults, `--learned-weight-decay` sets their weight decay.
-WEIGHTS = {"celo2": None, "celo2_base": None}
-LEARNED_WEIGHT_DECAY = {"value": None}
+# `--celo2-base-weights` (`config.celo2_weights` / `.celo2_base_weights`)
+# evaluate candidate meta-weights instead of the shipped defaults,
+# `--learned-weight-decay` sets their weight decay.
+def _learned(class_name, weights):
+    """`make` for `keras_lopt.optimizers.<class_name>`; `weights(config)` is its file."""
 
-
-def _learned(class_name, weights_key):
-    def make(lr):
+    def make(lr, config):
         return getattr(keras_lopt.optimizers, class_name)(
             lr or 1e-3,
-            weights=WEIGHTS[weights_key],
-            weight_decay=LEARNED_WEIGHT_DECAY["value"],
+            weights=weights(config),
+            weight_decay=config.learned_weight_decay,
         )
 
     return make
@@ -136,28 +190,31 @@ def _learned(class_name, weights_key):
 
 # Each also swept over `--lrs` like AdamW (opt-in `*_tuned`): how much of
 # the gap to tuned AdamW is the untuned default learning rate.
-for _name, _class_name in (("celo2", "Celo2"), ("celo2_base", "Celo2Base")):
-    register_optimizer(_name, _class_name, _learned(_class_name, _name))
+for _name, _class_name, _weights in (
+    ("celo2", "Celo2", lambda config: config.celo2_weights),
+    ("celo2_base", "Celo2Base", lambda config: config.celo2_base_weights),
+):
+    register_optimizer(_name, _class_name, _learned(_class_name, _weights))
     register_optimizer(
         f"{_name}_tuned",
         f"{_class_name} (tuned)",
-        _learned(_class_name, _name),
+        _learned(_class_name, _weights),
         tuned=True,
         default=False,
     )
 register_optimizer(
-    "adamw", "AdamW", lambda lr: keras.optimizers.AdamW(learning_rate=lr), tuned=True
+    "adamw", "AdamW", lambda lr, config: keras.optimizers.AdamW(learning_rate=lr), tuned=True
 )
 register_optimizer(
     "muon",
     "Muon",
-    lambda lr: keras.optimizers.Muon(learning_rate=lr, exclude_layers=[HEAD]),
+    lambda lr, config: keras.optimizers.Muon(learning_rate=lr, exclude_layers=[HEAD]),
     tuned=True,
 )
-# Celo needs the run's length: `train` gives it `total_steps` and hands it
-# each batch's loss (`FeedLossAndHorizon.attach`). It runs at its default
-# multiplier 1 whatever `--schedule`: its schedule is the learned one.
-WEIGHTS["celo"] = None
+# Celo needs the run's length: `train` builds it for `total_steps =
+# config.steps` and hands it each batch's loss (`FeedLossAndHorizon.attach`).
+# It runs at its default multiplier 1 whatever `--schedule`: its schedule is
+# the learned one.
 REFERENCE_DIR = os.environ.get(
     "KERAS_LOPT_REFERENCE_DIR", os.path.join(HERE, "..", "..", "shared", "reference")
 )
@@ -166,14 +223,16 @@ RELEASED_CELO2 = os.path.join(REFERENCE_DIR, "celo2_theta.state")
 register_optimizer(
     "celo",
     "Celo",
-    lambda lr, steps: keras_lopt.optimizers.Celo(weights=WEIGHTS["celo"], total_steps=steps),
+    lambda lr, config: keras_lopt.optimizers.Celo(weights=config.celo_weights,
+                                                   total_steps=config.steps),
     loss_aware=True,
 )
 if os.path.exists(RELEASED_CELO):
     register_optimizer(
         "celo_released",
         "Celo (released)",
-        lambda lr, steps: keras_lopt.optimizers.Celo(weights=RELEASED_CELO, total_steps=steps),
+        lambda lr, config: keras_lopt.optimizers.Celo(weights=RELEASED_CELO,
+                                                      total_steps=config.steps),
         loss_aware=True,
     )
 # The authors' Celo2 weights, to tell our meta-training apart from the suite.
@@ -181,7 +240,7 @@ if os.path.exists(RELEASED_CELO2):
     register_optimizer(
         "celo2_released",
         "Celo2 (released)",
-        lambda lr: keras_lopt.optimizers.Celo2(lr or 1e-3, weights=RELEASED_CELO2),
+        lambda lr, config: keras_lopt.optimizers.Celo2(lr or 1e-3, weights=RELEASED_CELO2),
     )
 
 
@@ -239,12 +298,13 @@ def iqm(values):
 UNTUNED_LR = 1e-3
 
 
-def train(task, spec, learning_rate, steps, seed, schedule="constant"):
-    """One seeded training run; returns its per-step losses and timings.
+def train(task, spec, learning_rate, config):
+    """One seeded run of `config.steps` steps; returns its per-step losses and timings.
 
     A run whose loss becomes non-finite stops there and its curve is padded
     with NaN. An exception is caught, printed and recorded as `error`.
     """
+    steps = config.steps
     run = {
         "learning_rate": learning_rate or math.nan,
         "losses": [math.nan] * steps,
@@ -255,18 +315,18 @@ def train(task, spec, learning_rate, steps, seed, schedule="constant"):
     }
     try:
         keras.backend.clear_session()
-        keras.utils.set_random_seed(seed)
+        keras.utils.set_random_seed(config.seed)
         model = task.build_model()
         lr = learning_rate
-        if schedule == "cosine":
+        if config.schedule == "cosine":
             lr = keras.optimizers.schedules.CosineDecay(learning_rate or UNTUNED_LR, steps)
         loss_aware = spec.loss_aware
-        optimizer = spec.make(None, steps) if loss_aware else spec.make(lr)
+        optimizer = spec.make(None, config) if loss_aware else spec.make(lr, config)
         model.compile(optimizer=optimizer, loss=task.loss)
         if loss_aware:
             FeedLossAndHorizon.attach(model)
         run["learning_rate"] = float(f"{keras.ops.convert_to_numpy(optimizer.learning_rate):.6g}")
-        run.update(fit(model, task, steps, seed, record_lr_mult=loss_aware))
+        run.update(fit(model, task, steps, config.seed, record_lr_mult=loss_aware))
         if math.isfinite(run["losses"][-1]):
             x, y = task.heldout
             logs = model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)
@@ -305,14 +365,14 @@ def fit(model, task, steps, seed, record_lr_mult=False):
     return out
 
 
-def evaluate_task(task, names, lrs, steps, seed, schedule="constant"):
+def evaluate_task(task, config):
     """All runs of one task, the best run per optimizer and the speedups."""
     result = {"description": task.description, "log_y": task.log_y, "runs": {}, "best": {}}
-    for name in names:
+    for name in config.optimizers:
         spec = OPTIMIZERS[name]
         runs = []
-        for lr in lrs if spec.tuned else [None]:
-            runs.append(train(task, spec, lr, steps, seed, schedule))
+        for lr in config.lrs if spec.tuned else [None]:
+            runs.append(train(task, spec, lr, config))
             log(f"[{task.name}] {spec.label} lr={runs[-1]['learning_rate']:.0e}: final loss "
                 f"{runs[-1]['final_loss']:.4g}, {1e3 * runs[-1]['step_s']:.1f} ms/step")
         finals = [r["final_loss"] if math.isfinite(r["final_loss"]) else math.inf for r in runs]
@@ -531,7 +591,8 @@ def log(message):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluate",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS),
                         default=[name for name, spec in OPTIMIZERS.items() if spec.default],
@@ -551,7 +612,7 @@ def parse_args(argv):
     parser.add_argument("--learned-weight-decay", type=float,
                         help="weight decay of Celo2 / Celo2Base (default: none)")
     parser.add_argument("--quick", action="store_true", help="tiny budget for smoke tests")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.steps = args.steps or (QUICK_STEPS if args.quick else 1000)
     args.lrs = tuple(args.lrs or (QUICK_LR_GRID if args.quick else LR_GRID))
@@ -559,41 +620,36 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    WEIGHTS.update(celo2=args.celo2_weights, celo2_base=args.celo2_base_weights,
-                   celo=args.celo_weights)
-    LEARNED_WEIGHT_DECAY["value"] = args.learned_weight_decay
+    config = EvalConfig.from_args(parse_args(argv))
     start = time.perf_counter()
     results = {
         "config": {
-            "backend": keras.backend.backend(), "steps": args.steps, "seed": args.seed,
-            "lrs": list(args.lrs), "optimizers": args.optimizers, "reference": REFERENCE,
-            "schedule": args.schedule,
-            "celo2_weights": args.celo2_weights or "shipped",
-            "celo2_base_weights": args.celo2_base_weights or "shipped",
-            "celo_weights": args.celo_weights or "shipped",
-            "learned_weight_decay": args.learned_weight_decay,
-            "smoothing_window": smoothing_window(args.steps),
+            "backend": keras.backend.backend(), "steps": config.steps, "seed": config.seed,
+            "lrs": list(config.lrs), "optimizers": list(config.optimizers),
+            "reference": REFERENCE, "schedule": config.schedule,
+            "celo2_weights": config.celo2_weights or "shipped",
+            "celo2_base_weights": config.celo2_base_weights or "shipped",
+            "celo_weights": config.celo_weights or "shipped",
+            "learned_weight_decay": config.learned_weight_decay,
+            "smoothing_window": smoothing_window(config.steps),
             "python": platform.python_version(), "keras": keras.__version__,
         },
         "tasks": {},
     }
-    for task_name in args.tasks:
+    for task_name in config.tasks:
         task = TASKS[task_name]()
-        results["tasks"][task_name] = evaluate_task(
-            task, args.optimizers, args.lrs, args.steps, args.seed, args.schedule
-        )
+        results["tasks"][task_name] = evaluate_task(task, config)
     results["iqm"] = summarize(results)
     results["wall_s"] = time.perf_counter() - start
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(config.out, exist_ok=True)
     report = markdown(results)
     print(report)
-    with open(os.path.join(args.out, "evaluate.md"), "w") as f:
+    with open(os.path.join(config.out, "evaluate.md"), "w") as f:
         f.write(report)
-    with open(os.path.join(args.out, "evaluate.json"), "w") as f:
+    with open(os.path.join(config.out, "evaluate.json"), "w") as f:
         json.dump(jsonable(results), f)
-    plot(results, os.path.join(args.out, "evaluate.png"))
-    plot_lr_mult(results, os.path.join(args.out, "evaluate_lr_mult.png"))
+    plot(results, os.path.join(config.out, "evaluate.png"))
+    plot_lr_mult(results, os.path.join(config.out, "evaluate_lr_mult.png"))
 
 
 if __name__ == "__main__":

@@ -32,28 +32,33 @@ read back each step, so asynchronous dispatch cannot hide work).
 The markdown tables go to stdout and are appended to
 `benchmarks/results/optimizer_speed_<backend>.md` (`--no-save` to skip).
 
-Commands (from the repository root):
+Commands (from the repository root, as a module of the `benchmarks` package):
 
-    KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --fit-lm
-    KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/optimizer_speed.py --fit-lm --tf-xla
-    KERAS_BACKEND=torch      .venv/bin/python benchmarks/optimizer_speed.py --fit-lm
+    KERAS_BACKEND=jax        .venv/bin/python -m benchmarks.optimizer_speed --fit-lm
+    KERAS_BACKEND=tensorflow .venv/bin/python -m benchmarks.optimizer_speed --fit-lm --tf-xla
+    KERAS_BACKEND=torch      .venv/bin/python -m benchmarks.optimizer_speed --fit-lm
     # On a machine busy with other jobs, add `--threads 1`: with their default
     # thread pools the backends' timings swing by 10x or more (torch worst).
-    KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --fit-lm --threads 1
+    KERAS_BACKEND=jax        .venv/bin/python -m benchmarks.optimizer_speed --fit-lm --threads 1
     # Celo's scheduler overhead with 10 vs 200 variables
-    KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --only-variable-count --variable-count 10 200
+    KERAS_BACKEND=jax        .venv/bin/python -m benchmarks.optimizer_speed --only-variable-count --variable-count 10 200
     # smoke test: matrices 4x smaller, 3 rounds, nothing saved
-    KERAS_BACKEND=jax        .venv/bin/python benchmarks/optimizer_speed.py --quick --fit-lm --no-save
+    KERAS_BACKEND=jax        .venv/bin/python -m benchmarks.optimizer_speed --quick --fit-lm --no-save
 """
 
 import argparse
 import datetime
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
+
+if not __package__:  # `python benchmarks/optimizer_speed.py`: `benchmarks` is not importable
+    sys.exit("Run from the repository root as a module: python -m benchmarks.optimizer_speed "
+             + shlex.join(sys.argv[1:]))
 
 import numpy as np
 
@@ -79,15 +84,10 @@ def _limit_threads():
 
 THREADS = _limit_threads()
 
-try:
-    import keras_lopt  # noqa: F401
-except ImportError:  # running from a checkout that is not pip-installed
-    sys.path.insert(0, str(ROOT))
-
-import keras  # noqa: E402
+import keras  # noqa: E402  (after `_limit_threads`, which must precede the backend)
 
 import keras_lopt  # noqa: E402
-from eval_tasks import TokenAndPositionEmbedding  # noqa: E402  (benchmarks/ is on sys.path)
+from benchmarks.eval_tasks import TokenAndPositionEmbedding  # noqa: E402
 
 BACKEND = keras.backend.backend()
 if THREADS and BACKEND == "torch":
@@ -499,7 +499,8 @@ def code_version():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.optimizer_speed",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--quick", action="store_true",

@@ -19,17 +19,12 @@ stalling on its thread pool (here it cut the torch run from 8 to 0.6 minutes).
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-try:
-    import keras_lopt
-except ImportError:  # running from a checkout that is not pip-installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import keras_lopt
+import keras_lopt  # installed: `pip install -e .` (`make install`)
 
 import keras
 from sklearn.datasets import load_digits

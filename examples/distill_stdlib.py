@@ -9,8 +9,10 @@ KL only), and reports held-out perplexity and generation throughput at two
 context lengths. Every phase saves its model under `--out` and is skipped
 when run again (resume); a JSON summary and a plot are written at the end.
 
-    KERAS_BACKEND=jax python examples/distill_stdlib.py --out runs/distill
-    python examples/distill_stdlib.py --quick      # a one-minute smoke run
+    KERAS_BACKEND=jax python -m examples.distill_stdlib --out runs/distill
+    python -m examples.distill_stdlib --quick      # a one-minute smoke run
+
+(from the repository root, as a module: it shares `benchmarks.eval_tasks`).
 """
 
 import argparse
@@ -22,7 +24,9 @@ import time
 import keras
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if not __package__:  # `python examples/distill_stdlib.py`: `benchmarks` is not importable
+    sys.exit("It imports the repository's `benchmarks` package: run from the repository root "
+             "as a module: python -m examples.distill_stdlib " + " ".join(sys.argv[1:]))
 
 from benchmarks.eval_tasks import stdlib_source_bytes  # noqa: E402
 from keras_lopt.distillation import Distiller  # noqa: E402
