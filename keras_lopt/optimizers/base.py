@@ -54,34 +54,12 @@ class LearnedOptimizer(optimizers.Optimizer):
 
     rule = None
 
-    def __init__(
-        self,
-        learning_rate,
-        weights=None,
-        weight_decay=None,
-        clipnorm=None,
-        clipvalue=None,
-        global_clipnorm=None,
-        use_ema=False,
-        ema_momentum=0.99,
-        ema_overwrite_frequency=None,
-        loss_scale_factor=None,
-        gradient_accumulation_steps=None,
-        name=None,
-        **kwargs,
-    ):
+    def __init__(self, learning_rate, weights=None, name=None, **kwargs):
+        # Every other argument (weight_decay, clipnorm, use_ema, ...) is the
+        # base optimizer's, passed as is.
         super().__init__(
             learning_rate=learning_rate,
             name=name or self.__class__.__name__.lower(),
-            weight_decay=weight_decay,
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
-            use_ema=use_ema,
-            ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency,
-            loss_scale_factor=loss_scale_factor,
-            gradient_accumulation_steps=gradient_accumulation_steps,
             **kwargs,
         )
         self.theta = theta_lib.load(
