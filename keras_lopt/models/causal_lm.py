@@ -56,7 +56,7 @@ def make_mixer(kind, config, name=None):
 
         return Mamba(name=name, **config)
     if kind == "mamba2":
-        from keras_lopt.layers.mamba import Mamba2
+        from keras_lopt.layers.mamba2 import Mamba2
 
         return Mamba2(name=name, **config)
     raise ValueError(f"Unknown mixer {kind!r}; choose from {MIXERS}.")
@@ -130,11 +130,8 @@ class DecoderBlock(keras.layers.Layer):
         return self._mlp(x)
 
     def prefill(self, x, padding_mask=None, max_length=None):
-        h = self.mixer_norm(x)
-        if self.mixer_kind == "attention":
-            y, cache = self.mixer.prefill(h, padding_mask=padding_mask, max_length=max_length)
-        else:
-            y, cache = self.mixer.prefill(h, padding_mask=padding_mask)
+        y, cache = self.mixer.prefill(self.mixer_norm(x), padding_mask=padding_mask,
+                                      max_length=max_length)
         return self._mlp(x + ops.cast(y, x.dtype)), cache
 
     def step(self, x, cache):
@@ -320,8 +317,9 @@ class CausalLM(keras.Model):
     def prefill(self, token_ids, padding_mask=None, max_length=None):
         """Runs a prompt; returns its logits and one cache per block.
 
-        `max_length` bounds prompt + generated tokens; only softmax attention
-        needs it (its KV cache is preallocated). With position embeddings
+        `max_length` is the caches' capacity, prompt + generated tokens; only
+        softmax attention uses it (its KV cache is preallocated), the
+        recurrent mixers ignore it. With position embeddings
         the caches end with `{"position": (batch,)}`, the next position.
         """
         if not self.built:
