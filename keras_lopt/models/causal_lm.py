@@ -414,6 +414,7 @@ class CausalLM(keras.Model):
         return config
 
 
+@register_keras_serializable(package="keras_lopt")
 class TransformerLM(CausalLM):
     """`CausalLM` with softmax attention (KV cache in `generate`).
 
@@ -429,6 +430,7 @@ class TransformerLM(CausalLM):
                          mixer_config=mixer_config, **kwargs)
 
 
+@register_keras_serializable(package="keras_lopt")
 class LinearAttentionLM(CausalLM):
     """`CausalLM` with `LinearAttention` (fixed-size state in `generate`).
 
@@ -445,6 +447,7 @@ class LinearAttentionLM(CausalLM):
                          mixer_config=mixer_config, **kwargs)
 
 
+@register_keras_serializable(package="keras_lopt")
 class MambaLM(CausalLM):
     """`CausalLM` with Mamba-1 blocks; no MLP unless `intermediate_dim` is given.
 
@@ -460,6 +463,7 @@ class MambaLM(CausalLM):
                          mixer_config=mixer_config, intermediate_dim=intermediate_dim, **kwargs)
 
 
+@register_keras_serializable(package="keras_lopt")
 class Mamba2LM(CausalLM):
     """`CausalLM` with Mamba-2 (SSD) blocks; no MLP unless `intermediate_dim` is given.
 
@@ -474,7 +478,3 @@ class Mamba2LM(CausalLM):
         kwargs.pop("mixer", None)
         super().__init__(vocab_size, num_layers, hidden_dim, mixer="mamba2",
                          mixer_config=mixer_config, intermediate_dim=intermediate_dim, **kwargs)
-
-
-for _cls in (TransformerLM, LinearAttentionLM, MambaLM, Mamba2LM):
-    register_keras_serializable(package="keras_lopt")(_cls)
