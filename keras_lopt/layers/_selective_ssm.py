@@ -1,15 +1,14 @@
 """What `Mamba` and `Mamba2` share: argument checks, masking, projections, cache API.
 
 Both are selective state space blocks with a chunked training form and an
-O(1)-per-token recurrent form.
-
-Both layers share one call API:
+O(1)-per-token recurrent form, and share one call API:
 
 - `call(inputs, padding_mask=None)`: `(batch, length, d_model)` in and out,
   computed chunk by chunk (`keras_lopt.ops`);
-- `init_cache(batch_size, max_length=None)`, `prefill(inputs, padding_mask=None,
-  max_length=None)` and `step(inputs, cache)` for generation (the cache
-  protocol of every mixer; `max_length` is accepted and ignored). The cache is a dict
+- `init_cache(batch_size, max_length=None)`, `prefill(inputs,
+  padding_mask=None, max_length=None)` and `step(inputs, cache)` for
+  generation: the cache protocol of every mixer, where `max_length` (a
+  capacity) is accepted and ignored. The cache is a dict
   `{"conv": (batch, d_conv - 1, conv_channels), "ssm": state}`, float32
   (`Mamba2(rotary=True)` adds `"position"`, int32 `(batch,)`).
 
@@ -345,6 +344,13 @@ class SelectiveSSM(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "max_length" in config:  # the length limit's name in older configs
+            config.setdefault("max_sequence_length", config.pop("max_length"))
+        return super().from_config(config)
 
     def get_config(self):
         config = super().get_config()

@@ -496,6 +496,8 @@ class LinearAttention(keras.layers.Layer):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        if "max_length" in config:  # the length limit's name in older configs
+            config.setdefault("max_sequence_length", config.pop("max_length"))
         if isinstance(config.get("feature_map"), dict):
             config["feature_map"] = keras.saving.deserialize_keras_object(config["feature_map"])
         return cls(**config)

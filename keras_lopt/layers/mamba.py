@@ -24,8 +24,9 @@ class Mamba(SelectiveSSM):
     `delta, B, C = x_proj(x)`; `Delta = softplus(dt_proj(delta) + dt_bias)`;
     per channel `h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t x_t`,
     `y_t = C_t . h_t + D x_t` with `A = -exp(A_log)`; output
-    `out_proj(y * silu(z))`. Training runs `keras_lopt.ops.selective_scan.chunk_selective_scan`;
-    generation advances the state one token at a time.
+    `out_proj(y * silu(z))`. Training runs
+    `keras_lopt.ops.selective_scan.chunk_selective_scan`; generation advances
+    the state one token at a time.
 
     Reference initialisation: `A_log[d, n] = log(n + 1)`, `D = 1`,
     `softplus(dt_bias) ~ logU[dt_min, dt_max]` floored at `dt_init_floor`,
@@ -83,8 +84,8 @@ class Mamba(SelectiveSSM):
         if not (dt_rank == "auto" or (isinstance(dt_rank, int) and dt_rank >= 1)):
             raise ValueError(f'dt_rank must be "auto" or a positive integer; received {dt_rank!r}.')
         super().__init__(d_model, d_state, d_conv, expand, dt_min, dt_max, dt_init_floor,
-                         use_bias, conv_bias, conv_init, gate, chunk_size, max_sequence_length, seed,
-                         **kwargs)
+                         use_bias, conv_bias, conv_init, gate, chunk_size, max_sequence_length,
+                         seed, **kwargs)
         self.dt_rank_arg = dt_rank
         if d_model is not None:
             self._set_sizes(d_model)

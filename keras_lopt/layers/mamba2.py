@@ -30,8 +30,8 @@ class Mamba2(SelectiveSSM):
     (`B`, `C` shared by the heads of a group); output
     `out_proj(rmsnorm(y * silu(z)) * norm_scale)`, the norm over all of
     `d_inner` (or per head, `norm_per_head=True`) with eps `norm_epsilon`
-    (1e-5). Training runs `keras_lopt.ops.linear_attention.chunk_linear_attention`: SSD is
-    decayed linear attention with `q = C`, `k = B`, `v = dt * x`,
+    (1e-5). Training runs `keras_lopt.ops.linear_attention.chunk_linear_attention`:
+    SSD is decayed linear attention with `q = C`, `k = B`, `v = dt * x`,
     `log_decay = dt * A`.
 
     Reference initialisation: `A ~ U[1, 16]` (`A_log = log A`), `D = 1`,
@@ -138,8 +138,8 @@ class Mamba2(SelectiveSSM):
         if not norm_epsilon >= 0:
             raise ValueError(f"norm_epsilon must be >= 0; received {norm_epsilon!r}.")
         super().__init__(d_model, d_state, d_conv, expand, dt_min, dt_max, dt_init_floor,
-                         use_bias, conv_bias, conv_init, gate, chunk_size, max_sequence_length, seed,
-                         **kwargs)
+                         use_bias, conv_bias, conv_init, gate, chunk_size, max_sequence_length,
+                         seed, **kwargs)
         self.head_dim = head_dim
         self.num_groups = num_groups
         self.conv_activation = conv_activation

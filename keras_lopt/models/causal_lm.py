@@ -43,6 +43,9 @@ def _check_mlp_activation(name):
 def make_mixer(kind, config, name=None):
     """Builds a token-mixing layer from its kind and constructor arguments."""
     config = dict(config or {})
+    if kind != "attention" and "max_length" in config:
+        # Models saved before the rename (to_mamba2 wrote it) load unchanged.
+        config.setdefault("max_sequence_length", config.pop("max_length"))
     if kind == "attention":
         from keras_lopt.layers.attention import CausalSelfAttention
 

@@ -81,3 +81,17 @@ def test_max_length_is_capacity(kind):
         assert {k: tuple(v.shape) for k, v in empty.items()} == shapes
         for k in cache:
             np.testing.assert_array_equal(np_(cache[k]), np_(roomy[k]))
+
+
+@pytest.mark.parametrize("kind", ["linear_attention", "mamba", "mamba2"])
+def test_length_limit_is_max_sequence_length_in_config(kind):
+    layer = MIXERS[kind]()
+    config = layer.get_config()
+    assert "max_sequence_length" in config and "max_length" not in config
+    config["max_sequence_length"] = 7
+    clone = type(layer).from_config(config)
+    assert clone.max_sequence_length == 7 and clone.get_config() == config
+    # Configs written before the rename still load.
+    old = dict(config)
+    old["max_length"] = old.pop("max_sequence_length")
+    assert type(layer).from_config(old).get_config() == config
