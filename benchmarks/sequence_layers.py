@@ -117,7 +117,10 @@ def bench_attention(lengths, repeats):
 
 
 def bench_scan(length, repeats, chunk_size=64):
-    from keras_lopt.layers import scan
+    from keras_lopt.ops.linear_attention import chunk_linear_attention
+    from keras_lopt.ops.linear_attention import recurrent_linear_attention
+    from keras_lopt.ops.selective_scan import chunk_selective_scan
+    from keras_lopt.ops.selective_scan import sequential_selective_scan
 
     rng = np.random.default_rng(0)
     f32 = lambda *s: rng.standard_normal(s).astype("float32")  # noqa: E731
@@ -126,12 +129,12 @@ def bench_scan(length, repeats, chunk_size=64):
     delta = rng.uniform(1e-3, 0.1, (1, length, d_inner)).astype("float32")
     a = -np.tile(np.arange(1, n1 + 1, dtype="float32"), (d_inner, 1))
     rows = []
-    sequential = _grad_fn(lambda *t: scan.sequential_selective_scan(*t, a, b, c)[0], [x, delta])
+    sequential = _grad_fn(lambda *t: sequential_selective_scan(*t, a, b, c)[0], [x, delta])
     t_s = _timeit(sequential, max(1, repeats // 2))
     for within in ("associative", "sequential"):
         chunked = _grad_fn(
-            lambda *t, w=within: scan.chunked_selective_scan(
-                *t, a, b, c, chunk_size, within_chunk=w)[0],
+            lambda *t, w=within: chunk_selective_scan(
+                *t, a, b, c, chunk_size=chunk_size, within_chunk=w)[0],
             [x, delta],
         )
         t_c = _timeit(chunked, repeats)
@@ -146,7 +149,7 @@ def bench_scan(length, repeats, chunk_size=64):
 
     def ssd_sequential(q, k, v, log_a):
         def body(state, inputs):
-            out, state = scan.decay_attention_step(*inputs[:3], state, inputs[3])
+            out, state = recurrent_linear_attention(*inputs[:3], inputs[3], state)
             return state, out
 
         state = ops.zeros((1, heads, n2, head_dim))
@@ -154,7 +157,7 @@ def bench_scan(length, repeats, chunk_size=64):
         return ops.scan(body, state, xs)[1]
 
     chunked = _grad_fn(
-        lambda *t: scan.chunked_decay_attention(*t, chunk_size=chunk_size)[0], [q, k, v, log_a]
+        lambda *t: chunk_linear_attention(*t, chunk_size=chunk_size)[0], [q, k, v, log_a]
     )
     sequential = _grad_fn(ssd_sequential, [q, k, v, log_a])
     t_c, t_s = _timeit(chunked, repeats), _timeit(sequential, max(1, repeats // 2))
@@ -207,7 +210,8 @@ def bench_memory(length, chunk_size=64):
         return []
     import jax
 
-    from keras_lopt.layers import scan
+    from keras_lopt.ops.selective_scan import chunk_selective_scan
+    from keras_lopt.ops.selective_scan import sequential_selective_scan
 
     d_inner, n = 512, 16
     rng = np.random.default_rng(0)
@@ -222,11 +226,11 @@ def bench_memory(length, chunk_size=64):
         return compiled.memory_analysis().temp_size_in_bytes
 
     chunked = {
-        w: temp_bytes(lambda x, d, w=w: scan.chunked_selective_scan(
-            x, d, a, b, c, chunk_size, within_chunk=w)[0])
+        w: temp_bytes(lambda x, d, w=w: chunk_selective_scan(
+            x, d, a, b, c, chunk_size=chunk_size, within_chunk=w)[0])
         for w in ("associative", "sequential")
     }
-    sequential = temp_bytes(lambda x, d: scan.sequential_selective_scan(x, d, a, b, c)[0])
+    sequential = temp_bytes(lambda x, d: sequential_selective_scan(x, d, a, b, c)[0])
     full = length * d_inner * n * 4
     row = {"L": length, "chunked_associative_MiB": chunked["associative"] / 2**20,
            "chunked_sequential_MiB": chunked["sequential"] / 2**20,

@@ -1,7 +1,8 @@
 """Model surgery for two-stage Transformer -> Mamba distillation.
 
 Stage 1 (`to_linear_attention`) swaps every softmax attention of a
-`TransformerLM` for `LinearAttention` with the same Q/K/V/O projections and
+`TransformerLM` for `LinearAttention` with the same Q/K/V/O projections
+(copied with `keras_lopt.distillation.weights.copy_attention_weights`) and
 a fresh (identity-initialised) feature map; everything else is copied. The
 result is not equal to the Transformer (softmax is replaced), it is the
 starting point of attention transfer.
@@ -39,8 +40,14 @@ import math
 
 import keras
 import numpy as np
-from keras import ops
 
+from keras_lopt.distillation import hub
+from keras_lopt.distillation.weights import assign as _assign
+from keras_lopt.distillation.weights import copy_attention_weights
+from keras_lopt.distillation.weights import copy_layer as _copy_layer
+from keras_lopt.distillation.weights import to_numpy as _numpy
+from keras_lopt.layers.attention import CausalSelfAttention
+from keras_lopt.layers.linear_attention import LinearAttention
 from keras_lopt.models.causal_lm import CausalLM
 from keras_lopt.models.causal_lm import LinearAttentionLM
 from keras_lopt.models.causal_lm import Mamba2LM
@@ -56,23 +63,6 @@ UNIT_GATE_BIAS = 1.278464542761074
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def _numpy(x):
-    return np.asarray(ops.convert_to_numpy(x))
-
-
-def _assign(variable, value, what):
-    value = _numpy(value)
-    if tuple(value.shape) != tuple(variable.shape):
-        raise ValueError(
-            f"Cannot copy {what}: shape {tuple(value.shape)} does not fit the target's "
-            f"{tuple(variable.shape)}.")
-    variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
-
-
-def _copy_layer(source, target):
-    target.set_weights(source.get_weights())
 
 
 def _check_lm(model, mixer, function):
@@ -144,8 +134,6 @@ def linear_attention_config(attention, feature_map="hedgehog", normalization="no
         A dict of `LinearAttention` constructor arguments (causal, same
         heads, key/value heads, head size, rotary setting and biases).
     """
-    from keras_lopt.layers.attention import CausalSelfAttention
-
     if not isinstance(attention, CausalSelfAttention):
         raise TypeError(
             "Expected a CausalSelfAttention layer; received "
@@ -174,30 +162,6 @@ def _rebuild(model, lm_class, mixer_config, copy_mixer):
     for src, dst in zip(model.blocks, target.blocks):
         copy_mixer(src.mixer, dst.mixer)
     return target
-
-
-def copy_attention_to_linear_attention(attention, linear_attention):
-    """Copies Q/K/V/O kernels (and biases) of softmax attention into linear attention.
-
-    Both layers must be built, with matching heads and sizes (e.g. made from
-    `linear_attention_config(attention)`). The feature maps and the
-    output-norm scale of `linear_attention` are left as they are.
-    """
-    la, at = linear_attention, attention
-    pairs = [(la.query_dense.kernel, at.query, "query kernel"),
-             (la.key_dense.kernel, at.key, "key kernel"),
-             (la.value_dense.kernel, at.value, "value kernel"),
-             (la.output_dense.kernel, at.output_kernel, "output kernel")]
-    if at.use_bias != la.use_bias:
-        raise ValueError(
-            f"use_bias differs: attention has {at.use_bias}, linear attention {la.use_bias}.")
-    if at.use_bias:
-        pairs += [(la.query_dense.bias, at.query_bias, "query bias"),
-                  (la.key_dense.bias, at.key_bias, "key bias"),
-                  (la.value_dense.bias, at.value_bias, "value bias"),
-                  (la.output_dense.bias, at.output_bias, "output bias")]
-    for target, source, what in pairs:
-        _assign(target, source, what)
 
 
 def to_linear_attention(model, feature_map="hedgehog", normalization="norm", chunk_size=64,
@@ -240,22 +204,18 @@ def to_linear_attention(model, feature_map="hedgehog", normalization="norm", chu
     >>> student = to_linear_attention(teacher, feature_map="hedgehog")
     >>> student(token_ids).shape    # same as teacher(token_ids)
     """
-    from keras_lopt.distillation import hub
-
     if hub.is_keras_hub_model(model):
         model = hub.from_keras_hub(model)
     _check_lm(model, "attention", "to_linear_attention")
     config = linear_attention_config(model.blocks[0].mixer, feature_map, normalization,
                                      chunk_size, decay)
-    return _rebuild(model, LinearAttentionLM, config, copy_attention_to_linear_attention)
+    return _rebuild(model, LinearAttentionLM, config, copy_attention_weights)
 
 
 # --------------------------------------------------- stage 2: linear -> SSM
 
 
 def _check_convertible(layer):
-    from keras_lopt.layers.linear_attention import LinearAttention
-
     if not isinstance(layer, LinearAttention):
         raise TypeError(f"Expected a LinearAttention layer; received {type(layer).__name__}.")
     problems = []
@@ -310,7 +270,7 @@ def mamba2_config(linear_attention, d_conv=4, chunk_size=None, gate=False):
         conv_init="identity",
         gate=bool(gate),
         chunk_size=chunk_size or la.chunk_size,
-        max_length=la.max_length,
+        max_sequence_length=la.max_sequence_length,
         conv_activation=None,
         bc_feature_map=la.get_config()["feature_map"],
         bc_dim=la.key_dim,

@@ -7,7 +7,8 @@ every weight, so that a keras-hub teacher can be distilled. keras-hub itself
 is only needed to build the source model; nothing here imports it.
 """
 
-from keras_lopt.distillation.convert import _assign
+from keras_lopt.distillation.weights import assign
+from keras_lopt.distillation.weights import copy_attention_weights
 from keras_lopt.models.causal_lm import TransformerLM
 
 SUPPORTED = ("GPT2Backbone", "GPT2CausalLM", "LlamaBackbone", "LlamaCausalLM")
@@ -21,15 +22,16 @@ def _is(model, class_name):
     return any(cls.__name__ == class_name for cls in type(model).__mro__)
 
 
-def _copy_attention(source, target):
-    pairs = [("_query_dense", "query"), ("_key_dense", "key"), ("_value_dense", "value"),
-             ("_output_dense", "output_kernel")]
-    for src, dst in pairs:
-        dense = getattr(source, src)
-        _assign(getattr(target, dst), dense.kernel, f"{dense.path} kernel")
-        if target.use_bias:
-            name = "output_bias" if dst == "output_kernel" else f"{dst}_bias"
-            _assign(getattr(target, name), dense.bias, f"{dense.path} bias")
+def _attention_weights(source):
+    # keras-hub's attention keeps its projections as EinsumDense layers in the
+    # package's convention already: only the names differ.
+    weights = {}
+    for name in ("query", "key", "value", "output"):
+        dense = getattr(source, f"_{name}_dense")
+        weights[name] = dense.kernel
+        if dense.bias is not None:
+            weights[f"{name}_bias"] = dense.bias
+    return weights
 
 
 # Our block's sublayer -> the keras-hub decoder layer's, per architecture.
@@ -43,7 +45,7 @@ LLAMA_BLOCK = {"mixer_norm": "_self_attention_layernorm", "mlp_norm": "_feedforw
 
 def _copy_blocks(backbone, lm, names):
     for layer, block in zip(backbone.transformer_layers, lm.blocks):
-        _copy_attention(layer._self_attention_layer, block.mixer)
+        copy_attention_weights(_attention_weights(layer._self_attention_layer), block.mixer)
         for ours, theirs in names.items():
             getattr(block, ours).set_weights(getattr(layer, theirs).get_weights())
     lm.final_norm.set_weights(backbone.layer_norm.get_weights())
@@ -58,7 +60,9 @@ def _from_gpt2(backbone):
         norm="layer", mlp_activation="gelu_tanh", mlp_bias=True,
         max_positions=backbone.max_sequence_length, name="gpt2_as_transformer_lm")
     lm.build()
-    lm.token_embedding.set_weights([backbone.token_embedding.embeddings])
+    # Copied through NumPy (assign), never by reference: on JAX, training the
+    # teacher donates its buffers, which would delete the keras-hub model's.
+    assign(lm.token_embedding.embeddings, backbone.token_embedding.embeddings, "embeddings")
     lm.position_embedding.set_weights(backbone.position_embedding.get_weights())
     _copy_blocks(backbone, lm, GPT2_BLOCK)
     return lm
@@ -84,9 +88,9 @@ def _from_llama(backbone):
         gated_mlp=True, mlp_bias=False, name="llama_as_transformer_lm")
     lm.build()
     embedding = backbone.token_embedding
-    lm.token_embedding.set_weights([embedding.embeddings])
+    assign(lm.token_embedding.embeddings, embedding.embeddings, "embeddings")
     if lm.lm_head is not None:
-        lm.lm_head.set_weights([embedding.reverse_embeddings])
+        assign(lm.lm_head.kernel, embedding.reverse_embeddings, "reverse embeddings")
     _copy_blocks(backbone, lm, LLAMA_BLOCK)
     return lm
 

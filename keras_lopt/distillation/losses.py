@@ -29,6 +29,7 @@ def token_cross_entropy(token_ids, logits, padding_mask=None):
     return _masked_mean(losses, padding_mask)
 
 
+@keras.saving.register_keras_serializable(package="keras_lopt")
 class TokenKLDivergence(keras.distillation.DistillationLoss):
     """KL(teacher || student) of the next-token distributions, per token.
 
@@ -69,6 +70,7 @@ class TokenKLDivergence(keras.distillation.DistillationLoss):
         return cls(**config)
 
 
+@keras.saving.register_keras_serializable(package="keras_lopt")
 class AttentionTransferLoss(keras.distillation.DistillationLoss):
     """Layer-wise match of the student mixers' outputs to the teacher attentions'.
 

@@ -31,9 +31,21 @@ class CausalSelfAttention(keras.layers.Layer):
         use_bias: biases on the projections.
         kernel_initializer: initializer of the projection kernels.
 
-    Weights: `query (d_model, heads, key_dim)`, `key` and `value (d_model,
-    kv_heads, key_dim)`, `output (heads, key_dim, d_model)` — the layout
-    `LinearAttention` uses, so weights copy across.
+    Weights follow the one attention convention of this package (that of
+    `keras.layers.MultiHeadAttention` and keras-hub), shared with
+    `LinearAttention`: `attention_weights` maps `query`, `key`, `value`,
+    `output` (and with `use_bias` `query_bias`, `key_bias`, `value_bias`,
+    `output_bias`) to the variables, shaped `(d_model, heads, key_dim)`,
+    `(d_model, kv_heads, key_dim)` (key and value), `(heads, key_dim,
+    d_model)` and `(heads, key_dim)`, `(kv_heads, key_dim)` (key and value),
+    `(d_model,)`. `keras_lopt.distillation.weights.copy_attention_weights`
+    copies them between layers.
+
+    Generation follows the cache protocol of every mixer here:
+    `init_cache(batch_size, max_length)`, `prefill(inputs, padding_mask,
+    max_length)` -> `(outputs, cache)`, `step(inputs, cache)` ->
+    `(outputs, cache)`. `max_length` is the cache's capacity in tokens
+    (prompt plus generated), which this layer's preallocated KV cache needs.
 
     Example:
 
@@ -123,14 +135,23 @@ class CausalSelfAttention(keras.layers.Layer):
             out = out * ops.cast(padding_mask, out.dtype)[..., None]
         return out
 
-    def init_cache(self, batch_size, max_length):
+    def init_cache(self, batch_size, max_length=None):
         """An empty cache for `max_length` tokens.
+
+        Args:
+            batch_size: number of sequences.
+            max_length: capacity of the KV cache in tokens; required (the
+                recurrent mixers accept None, this cache is preallocated).
 
         Layout: `key`, `value` `(batch, max_length, kv_heads, key_dim)`;
         `valid` `(batch, max_length)` (1 where a real token was written);
         `index` the next write slot (int32 scalar); `position` `(batch,)`
         int32, the rotary position of the next token.
         """
+        if max_length is None:
+            raise ValueError(
+                "CausalSelfAttention.init_cache needs max_length: the KV cache is "
+                "preallocated for prompt + generated tokens.")
         shape = (batch_size, max_length, self.num_key_value_heads, self.key_dim)
         return {
             "key": ops.zeros(shape, self.compute_dtype),
@@ -141,7 +162,14 @@ class CausalSelfAttention(keras.layers.Layer):
         }
 
     def prefill(self, inputs, padding_mask=None, max_length=None):
-        """Runs a prompt and returns `(outputs, cache)` with room for `max_length` tokens."""
+        """Runs a prompt and returns `(outputs, cache)`.
+
+        Args:
+            inputs: `(batch, length, d_model)`.
+            padding_mask: optional `(batch, length)`, 1 for real tokens.
+            max_length: capacity of the returned cache in tokens; defaults
+                to the prompt's length (no room for `step`).
+        """
         length = inputs.shape[1]
         max_length = max_length or length
         if max_length < length:
@@ -188,6 +216,18 @@ class CausalSelfAttention(keras.layers.Layer):
             "position": cache["position"] + 1,
         }
         return out, new_cache
+
+    @property
+    def attention_weights(self):
+        """The projection variables by name, in the convention of the class docstring."""
+        if not self.built:
+            raise ValueError("CausalSelfAttention is not built: call it or build it first.")
+        weights = {"query": self.query, "key": self.key, "value": self.value,
+                   "output": self.output_kernel}
+        if self.use_bias:
+            weights.update(query_bias=self.query_bias, key_bias=self.key_bias,
+                           value_bias=self.value_bias, output_bias=self.output_bias)
+        return weights
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

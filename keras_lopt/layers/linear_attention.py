@@ -5,8 +5,9 @@ import numpy as np
 from keras import ops
 
 from keras_lopt.layers import rotary
-from keras_lopt.layers import scan
 from keras_lopt.layers.feature_maps import get_feature_map
+from keras_lopt.ops.linear_attention import chunk_linear_attention
+from keras_lopt.ops.linear_attention import recurrent_linear_attention
 
 NORMALIZATIONS = ("denominator", "norm", None)
 
@@ -23,16 +24,21 @@ class LinearAttention(keras.layers.Layer):
 
     with `a_t = 1` (plain linear attention) or a learned decay per head
     (RetNet / Mamba-2). Training runs the chunked form
-    (`scan.chunked_decay_attention`), O(length) in time and memory; generation
-    runs the recurrent form (`step`), O(1) per token with a fixed-size cache.
+    (`keras_lopt.ops.linear_attention.chunk_linear_attention`), O(length) in
+    time and memory; generation runs the recurrent form (`step`), O(1) per
+    token with a fixed-size cache.
 
-    Queries, keys and values are projected like in
-    `keras.layers.MultiHeadAttention`; the projections are `EinsumDense`
-    layers named `query`, `key`, `value` and `output` (attributes
-    `query_dense`, ... with kernels `(d_model, heads, key_dim)`,
-    `(d_model, kv_heads, key_dim)`, `(d_model, kv_heads, value_dim)` and
-    `(heads, value_dim, output_dim)`), so a Transformer's weights can be
-    copied in with `set_projection_weights`.
+    Weights follow the one attention convention of this package (that of
+    `keras.layers.MultiHeadAttention` and keras-hub), shared with
+    `CausalSelfAttention`: `attention_weights` maps `query`, `key`,
+    `value`, `output` (and with `use_bias` `query_bias`, `key_bias`,
+    `value_bias`, `output_bias`) to the variables, shaped
+    `(d_model, heads, key_dim)`, `(d_model, kv_heads, key_dim)`,
+    `(d_model, kv_heads, value_dim)`, `(heads, value_dim, output_dim)` and
+    `(heads, key_dim)`, `(kv_heads, key_dim)`, `(kv_heads, value_dim)`,
+    `(output_dim,)`. They live in `EinsumDense` layers `query_dense`,
+    `key_dense`, `value_dense`, `output_dense`. A Transformer's weights are
+    copied in with `keras_lopt.distillation.weights.copy_attention_weights`.
 
     The attention kernel, feature maps, rotary embedding and normalisation
     always compute in float32; only the projections use the layer's compute
@@ -69,7 +75,7 @@ class LinearAttention(keras.layers.Layer):
         use_bias: whether the projections have biases.
         chunk_size: positions per chunk of the chunked form; trades the
             quadratic in-chunk work against the sequential chunk loop.
-        max_length: if set, longer inputs raise a `ValueError`.
+        max_sequence_length: if set, longer inputs raise a `ValueError`.
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, kernel_constraint, bias_constraint: as in
             `keras.layers.MultiHeadAttention`, for the four projections.
@@ -118,7 +124,7 @@ class LinearAttention(keras.layers.Layer):
         rotary_max_wavelength=10000,
         use_bias=False,
         chunk_size=64,
-        max_length=None,
+        max_sequence_length=None,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
@@ -157,7 +163,7 @@ class LinearAttention(keras.layers.Layer):
         self.rotary_max_wavelength = rotary_max_wavelength
         self.use_bias = use_bias
         self.chunk_size = chunk_size
-        self.max_length = max_length
+        self.max_sequence_length = max_sequence_length
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -309,9 +315,10 @@ class LinearAttention(keras.layers.Layer):
     def _sequence(self, inputs, padding_mask):
         """The chunked (or non-causal) form: `(outputs, final_state, mask)`."""
         length = inputs.shape[1]
-        if self.max_length is not None and length is not None and length > self.max_length:
+        limit = self.max_sequence_length
+        if limit is not None and length is not None and length > limit:
             raise ValueError(
-                f"Input length {length} exceeds this layer's max_length={self.max_length}."
+                f"Input length {length} exceeds this layer's max_sequence_length={limit}."
             )
         if padding_mask is None:
             mask = None
@@ -327,7 +334,7 @@ class LinearAttention(keras.layers.Layer):
             positions = ops.cumsum(mask, axis=1) - 1.0
         phi_q, phi_k, v, log_decay = self._features(inputs, positions, mask)
         if self.causal:
-            out, state = scan.chunked_decay_attention(
+            out, state = chunk_linear_attention(
                 phi_q, phi_k, v, log_decay, chunk_size=self.chunk_size
             )
         else:
@@ -363,11 +370,13 @@ class LinearAttention(keras.layers.Layer):
         width = self.value_dim + (self.normalization == "denominator")
         return (self.num_heads, self._build_feature_maps(), width)
 
-    def init_cache(self, batch_size):
+    def init_cache(self, batch_size, max_length=None):
         """An empty generation cache (the state before the first token).
 
         Args:
             batch_size: number of sequences.
+            max_length: ignored: the state has a fixed size whatever the
+                length; accepted so that every mixer has one cache protocol.
 
         Returns:
             A dict with
@@ -383,7 +392,7 @@ class LinearAttention(keras.layers.Layer):
             "position": ops.zeros((batch_size,), "int32"),
         }
 
-    def prefill(self, inputs, padding_mask=None):
+    def prefill(self, inputs, padding_mask=None, max_length=None):
         """Runs a prompt in the chunked form and returns the cache after it.
 
         Args:
@@ -393,6 +402,7 @@ class LinearAttention(keras.layers.Layer):
                 padding never enters the state, and the cache's position
                 counts real tokens only, so `step` continues each prompt
                 right after its last real token.
+            max_length: ignored (see `init_cache`).
 
         Returns:
             `(outputs, cache)`: the outputs of `call(inputs, padding_mask)`
@@ -425,69 +435,29 @@ class LinearAttention(keras.layers.Layer):
             )
         position = ops.cast(cache["position"], "int32")
         phi_q, phi_k, v, log_decay = self._features(inputs[:, None], position[:, None], None)
-        out, state = scan.decay_attention_step(
+        out, state = recurrent_linear_attention(
             phi_q[:, 0],
             phi_k[:, 0],
             v[:, 0],
-            cache["state"],
             None if log_decay is None else log_decay[:, 0],
+            cache["state"],
         )
         outputs = self._output(self._normalize(out)[:, None], None)[:, 0]
         return outputs, {"state": state, "position": position + 1}
 
-    # ---------------------------------------------------------- distillation
+    # ---------------------------------------------------------- weights
 
-    def set_projection_weights(
-        self,
-        q_kernel,
-        k_kernel,
-        v_kernel,
-        o_kernel,
-        q_bias=None,
-        k_bias=None,
-        v_bias=None,
-        o_bias=None,
-    ):
-        """Sets the projections from a Transformer attention's weights.
-
-        Heads are laid out head-major: column `h * key_dim + i` of
-        `q_kernel` is entry `i` of head `h` (the layout of
-        `keras.layers.MultiHeadAttention` and most checkpoints). With
-        `use_bias=True`, a bias left as `None` is set to zero.
-
-        Args:
-            q_kernel: `(d_model, num_heads * key_dim)`.
-            k_kernel: `(d_model, num_key_value_heads * key_dim)`.
-            v_kernel: `(d_model, num_key_value_heads * value_dim)`.
-            o_kernel: `(num_heads * value_dim, output_dim)`.
-            q_bias, k_bias, v_bias, o_bias: optional biases of the matching
-                output sizes; only with `use_bias=True`.
-        """
-        q_kernel = ops.convert_to_numpy(q_kernel)
-        if len(q_kernel.shape) != 2:
-            raise ValueError(
-                f"q_kernel must be 2-D (d_model, heads * key_dim); received {q_kernel.shape}."
-            )
+    @property
+    def attention_weights(self):
+        """The projection variables by name, in the convention of the class docstring."""
         if not self.built:
-            self.build((None, None, q_kernel.shape[0]))
-        heads, kv_heads = self.num_heads, self.num_key_value_heads
-        biases = (q_bias, k_bias, v_bias, o_bias)
-        if not self.use_bias and any(b is not None for b in biases):
-            raise ValueError("Biases were given but the layer has use_bias=False.")
-        targets = (
-            (self.query_dense, "q", q_kernel, q_bias, (heads, self.key_dim)),
-            (self.key_dense, "k", k_kernel, k_bias, (kv_heads, self.key_dim)),
-            (self.value_dense, "v", v_kernel, v_bias, (kv_heads, self.value_dim)),
-        )
-        for dense, name, kernel, bias, head_shape in targets:
-            d_model = dense.kernel.shape[0]
-            _assign(dense.kernel, kernel, (d_model, int(np.prod(head_shape))), f"{name}_kernel")
-            if self.use_bias:
-                _assign(dense.bias, bias, (int(np.prod(head_shape)),), f"{name}_bias")
-        out = self.output_dense
-        _assign(out.kernel, o_kernel, (heads * self.value_dim, out.kernel.shape[-1]), "o_kernel")
+            raise ValueError("LinearAttention is not built: call it or build it first.")
+        dense = {"query": self.query_dense, "key": self.key_dense,
+                 "value": self.value_dense, "output": self.output_dense}
+        weights = {name: layer.kernel for name, layer in dense.items()}
         if self.use_bias:
-            _assign(out.bias, o_bias, (out.kernel.shape[-1],), "o_bias")
+            weights.update({f"{name}_bias": layer.bias for name, layer in dense.items()})
+        return weights
 
     # ---------------------------------------------------------------- config
 
@@ -512,7 +482,7 @@ class LinearAttention(keras.layers.Layer):
                 "rotary_max_wavelength": self.rotary_max_wavelength,
                 "use_bias": self.use_bias,
                 "chunk_size": self.chunk_size,
-                "max_length": self.max_length,
+                "max_sequence_length": self.max_sequence_length,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
                 "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
@@ -526,6 +496,8 @@ class LinearAttention(keras.layers.Layer):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        if "max_length" in config:  # the length limit's name in older configs
+            config.setdefault("max_sequence_length", config.pop("max_length"))
         if isinstance(config.get("feature_map"), dict):
             config["feature_map"] = keras.saving.deserialize_keras_object(config["feature_map"])
         return cls(**config)
@@ -547,13 +519,3 @@ def _check_float(inputs, method):
             f"LinearAttention.{method}() expects floating-point inputs (embed token "
             f"ids first); received dtype {dtype}."
         )
-
-
-def _assign(variable, value, shape, name):
-    if value is None:
-        variable.assign(ops.zeros(variable.shape, variable.dtype))
-        return
-    value = ops.convert_to_numpy(value)
-    if tuple(value.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}; received {tuple(value.shape)}.")
-    variable.assign(np.reshape(value, variable.shape).astype(variable.dtype))

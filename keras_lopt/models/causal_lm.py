@@ -43,6 +43,9 @@ def _check_mlp_activation(name):
 def make_mixer(kind, config, name=None):
     """Builds a token-mixing layer from its kind and constructor arguments."""
     config = dict(config or {})
+    if kind != "attention" and "max_length" in config:
+        # Models saved before the rename (to_mamba2 wrote it) load unchanged.
+        config.setdefault("max_sequence_length", config.pop("max_length"))
     if kind == "attention":
         from keras_lopt.layers.attention import CausalSelfAttention
 
@@ -56,7 +59,7 @@ def make_mixer(kind, config, name=None):
 
         return Mamba(name=name, **config)
     if kind == "mamba2":
-        from keras_lopt.layers.mamba import Mamba2
+        from keras_lopt.layers.mamba2 import Mamba2
 
         return Mamba2(name=name, **config)
     raise ValueError(f"Unknown mixer {kind!r}; choose from {MIXERS}.")
@@ -130,11 +133,8 @@ class DecoderBlock(keras.layers.Layer):
         return self._mlp(x)
 
     def prefill(self, x, padding_mask=None, max_length=None):
-        h = self.mixer_norm(x)
-        if self.mixer_kind == "attention":
-            y, cache = self.mixer.prefill(h, padding_mask=padding_mask, max_length=max_length)
-        else:
-            y, cache = self.mixer.prefill(h, padding_mask=padding_mask)
+        y, cache = self.mixer.prefill(self.mixer_norm(x), padding_mask=padding_mask,
+                                      max_length=max_length)
         return self._mlp(x + ops.cast(y, x.dtype)), cache
 
     def step(self, x, cache):
@@ -320,8 +320,9 @@ class CausalLM(keras.Model):
     def prefill(self, token_ids, padding_mask=None, max_length=None):
         """Runs a prompt; returns its logits and one cache per block.
 
-        `max_length` bounds prompt + generated tokens; only softmax attention
-        needs it (its KV cache is preallocated). With position embeddings
+        `max_length` is the caches' capacity, prompt + generated tokens; only
+        softmax attention uses it (its KV cache is preallocated), the
+        recurrent mixers ignore it. With position embeddings
         the caches end with `{"position": (batch,)}`, the next position.
         """
         if not self.built:
@@ -416,6 +417,7 @@ class CausalLM(keras.Model):
         return config
 
 
+@register_keras_serializable(package="keras_lopt")
 class TransformerLM(CausalLM):
     """`CausalLM` with softmax attention (KV cache in `generate`).
 
@@ -431,6 +433,7 @@ class TransformerLM(CausalLM):
                          mixer_config=mixer_config, **kwargs)
 
 
+@register_keras_serializable(package="keras_lopt")
 class LinearAttentionLM(CausalLM):
     """`CausalLM` with `LinearAttention` (fixed-size state in `generate`).
 
@@ -447,6 +450,7 @@ class LinearAttentionLM(CausalLM):
                          mixer_config=mixer_config, **kwargs)
 
 
+@register_keras_serializable(package="keras_lopt")
 class MambaLM(CausalLM):
     """`CausalLM` with Mamba-1 blocks; no MLP unless `intermediate_dim` is given.
 
@@ -462,6 +466,7 @@ class MambaLM(CausalLM):
                          mixer_config=mixer_config, intermediate_dim=intermediate_dim, **kwargs)
 
 
+@register_keras_serializable(package="keras_lopt")
 class Mamba2LM(CausalLM):
     """`CausalLM` with Mamba-2 (SSD) blocks; no MLP unless `intermediate_dim` is given.
 
@@ -476,7 +481,3 @@ class Mamba2LM(CausalLM):
         kwargs.pop("mixer", None)
         super().__init__(vocab_size, num_layers, hidden_dim, mixer="mamba2",
                          mixer_config=mixer_config, intermediate_dim=intermediate_dim, **kwargs)
-
-
-for _cls in (TransformerLM, LinearAttentionLM, MambaLM, Mamba2LM):
-    register_keras_serializable(package="keras_lopt")(_cls)

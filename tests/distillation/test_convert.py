@@ -10,7 +10,7 @@ from keras_lopt.distillation import to_linear_attention
 from keras_lopt.distillation import to_mamba2
 from keras_lopt.layers.feature_maps import HedgehogFeatureMap
 from keras_lopt.layers.linear_attention import LinearAttention
-from keras_lopt.layers.mamba import Mamba2
+from keras_lopt.layers.mamba2 import Mamba2
 from keras_lopt.models import LinearAttentionLM
 from keras_lopt.models import Mamba2LM
 from keras_lopt.models import TransformerLM
@@ -67,9 +67,14 @@ def assert_close(got, want):
 # -- stage 1 ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attention,tie", [(MHA, True), (GQA, False)])
-def test_to_linear_attention_copies_every_weight(attention, tie):
-    teacher = transformer(attention, tie_embeddings=tie)
+# The second case sets every block option away from its default, so that an
+# option the conversion drops shows in the logits.
+LLAMA_LIKE = dict(norm="layer", mlp_activation="gelu_tanh", gated_mlp=True, norm_epsilon=1e-3)
+
+
+@pytest.mark.parametrize("attention,tie,options", [(MHA, True, {}), (GQA, False, LLAMA_LIKE)])
+def test_to_linear_attention_copies_every_weight(attention, tie, options):
+    teacher = transformer(attention, tie_embeddings=tie, **options)
     student = to_linear_attention(teacher, chunk_size=4)
     assert isinstance(student, LinearAttentionLM)
     assert student.intermediate_dim == teacher.intermediate_dim
@@ -106,9 +111,13 @@ def test_to_linear_attention_copies_every_weight(attention, tie):
         assert src.get_weights() and len(src.get_weights()) == len(dst.get_weights())
         for got, want in zip(dst.get_weights(), src.get_weights()):
             np.testing.assert_array_equal(got, want)
+    # Everything but the mixers is the teacher's: the teacher's own layers,
+    # with each attention swapped for the student's mixer, give its logits.
     ids = tokens((2, 7))
-    logits = np_(student(ids))
-    assert logits.shape == (2, 7, VOCAB) and np.all(np.isfinite(logits))
+    x = teacher._embed(ops.convert_to_tensor(ids))
+    for src, dst in zip(teacher.blocks, student.blocks):
+        x = src._mlp(x + dst.mixer(src.mixer_norm(x)))
+    np.testing.assert_allclose(np_(student(ids)), np_(teacher._logits(x)), rtol=1e-6, atol=1e-6)
 
 
 def test_to_linear_attention_options():

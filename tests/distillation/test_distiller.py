@@ -111,10 +111,20 @@ def test_attention_transfer_of_the_teacher_onto_itself_is_zero():
 def test_calibrate_matches_the_teacher_scale():
     distiller = Distiller(teacher(), student="linear_attention", chunk_size=8)
     x = sequences(8)[:, :-1]
+    # The least-squares factor <t, s> / <s, s> per layer, recomputed in
+    # float64 from the student mixers' outputs on the teacher's hidden states.
+    hidden, targets = distiller.teacher.mixer_activations(x)
+    mixers = [block.mixer for block in distiller.linear_attention_student.blocks]
+    outputs = [np_(mixer(h)) for mixer, h in zip(mixers, hidden)]
+    want = [np.sum(s * np_(t)) / np.sum(s * s) for s, t in zip(outputs, targets)]
+    scales = [np_(mixer.norm_scale) for mixer in mixers]
     before = float(distiller.compute_loss(x))
     factors = distiller.calibrate(x)
     after = float(distiller.compute_loss(x))
-    assert len(factors) == LAYERS and all(f > 0 for f in factors)
+    assert factors == pytest.approx(want, rel=1e-5)
+    # ... and each norm scale is multiplied by its factor.
+    for mixer, scale, factor in zip(mixers, scales, factors):
+        np.testing.assert_allclose(np_(mixer.norm_scale), scale * factor, rtol=1e-6)
     # The least-squares scale can only lower the scale-free MSE, to at most 1.
     assert after < before and after <= 1.0 + 1e-6
     assert distiller.calibrate(x) == pytest.approx([1.0] * LAYERS, rel=1e-4)

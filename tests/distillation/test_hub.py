@@ -71,15 +71,20 @@ def test_from_keras_hub_reproduces_the_logits(make):
     assert relative_error(from_keras_hub(model.backbone)(ids), lm(ids)) <= 1e-6
 
 
+def greedy(lm, prompt, new_tokens):
+    """Greedy decoding with full forward passes, no cache."""
+    tokens = prompt
+    for _ in range(new_tokens):
+        nxt = np.argmax(np_(lm(tokens))[:, -1], axis=-1).astype("int32")
+        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+    return tokens
+
+
 def test_converted_gpt2_generates_with_its_learned_positions():
     lm = from_keras_hub(gpt2())
     prompt = token_ids((2, 5))
     out = lm.generate(prompt, max_new_tokens=4)
-    tokens = prompt
-    for _ in range(4):  # greedy decoding with full forward passes
-        nxt = np.argmax(np_(lm(tokens))[:, -1], axis=-1).astype("int32")
-        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
-    np.testing.assert_array_equal(out, tokens)
+    np.testing.assert_array_equal(out, greedy(lm, prompt, 4))
     with pytest.raises(ValueError, match="max_positions=24"):
         lm.generate(prompt, max_new_tokens=20)
 
@@ -99,11 +104,26 @@ def test_distiller_takes_a_keras_hub_teacher():
     teacher = llama()
     distiller = Distiller(teacher, student="mamba2", chunk_size=4)
     data = token_ids((8, 9))
+    # The teacher it distils from is the keras-hub model, logits and all.
+    assert relative_error(distiller.teacher(data), hub_logits(teacher, data)) <= TOL
     histories = distiller.fit(data, stage_tokens=(2 * 4 * 8, 4 * 8), batch_size=4, verbose=0)
     assert list(histories) == list(distiller.stages)
     assert all(np.isfinite(h.history["loss"]).all() for h in histories.values())
-    ids = token_ids((1, 6))
-    assert distiller.student.generate(ids, max_new_tokens=3).shape == (1, 9)
+    # ... and training leaves the teacher as it was.
+    assert relative_error(distiller.teacher(data), hub_logits(teacher, data)) <= TOL
+    student = distiller.student
+    assert student is distiller.mamba2_student
+    # The distilled student's caches give the logits of full passes...
+    ids = token_ids((2, 9))
+    logits, caches = student.prefill(ids[:, :5], max_length=9)
+    cached = [np_(logits)]
+    for t in range(5, 9):
+        step_logits, caches = student.step(ids[:, t], caches)
+        cached.append(np_(step_logits)[:, None])
+    assert relative_error(np.concatenate(cached, axis=1), student(ids)) <= TOL
+    # ... and so generation equals greedy decoding without a cache.
+    np.testing.assert_array_equal(student.generate(ids[:1, :6], max_new_tokens=3),
+                                  greedy(student, ids[:1, :6], 3))
 
 
 def test_unsupported_keras_hub_models_are_named():

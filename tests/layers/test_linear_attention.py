@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_lopt.distillation.weights import copy_attention_weights
 from keras_lopt.layers.feature_maps import HedgehogFeatureMap
 from keras_lopt.layers.feature_maps import get_feature_map
 from keras_lopt.layers.linear_attention import LinearAttention
@@ -222,7 +223,8 @@ def numpy_plain_causal_attention(x, wq, wk, wv, wo, bq, bk, bv, bo, heads, kv_he
     return o.reshape(o.shape[:2] + (-1,)) @ wo + bo
 
 
-def test_set_projection_weights_reproduces_given_attention():
+def test_copied_attention_weights_reproduce_given_attention():
+    # The one copy path (and weight convention) into LinearAttention.
     heads, kv_heads, key_dim, value_dim, d_out = 4, 2, 3, 5, 7
     layer = LinearAttention(
         heads,
@@ -236,33 +238,36 @@ def test_set_projection_weights_reproduces_given_attention():
         chunk_size=4,
         kernel_initializer="zeros",
     )
+    layer.build((None, None, D_MODEL))
     rng = np.random.default_rng(6)
     shapes = dict(
-        q_kernel=(D_MODEL, heads * key_dim),
-        k_kernel=(D_MODEL, kv_heads * key_dim),
-        v_kernel=(D_MODEL, kv_heads * value_dim),
-        o_kernel=(heads * value_dim, d_out),
-        q_bias=(heads * key_dim,),
-        k_bias=(kv_heads * key_dim,),
-        v_bias=(kv_heads * value_dim,),
-        o_bias=(d_out,),
+        query=(D_MODEL, heads, key_dim),
+        key=(D_MODEL, kv_heads, key_dim),
+        value=(D_MODEL, kv_heads, value_dim),
+        output=(heads, value_dim, d_out),
+        query_bias=(heads, key_dim),
+        key_bias=(kv_heads, key_dim),
+        value_bias=(kv_heads, value_dim),
+        output_bias=(d_out,),
     )
     w = {
         name: (rng.standard_normal(shape) / np.sqrt(shape[0])).astype("float32")
         for name, shape in shapes.items()
     }
-    layer.set_projection_weights(**w)
+    copy_attention_weights(w, layer)
     x = rng.standard_normal((2, 9, D_MODEL)).astype("float32")
-    want = numpy_plain_causal_attention(
-        x.astype("float64"), *(w[n].astype("float64") for n in shapes), heads, kv_heads
-    )
+    flat = [w[n].astype("float64") for n in ("query", "key", "value")]
+    flat = [k.reshape(D_MODEL, -1) for k in flat] + [w["output"].reshape(-1, d_out)]
+    flat += [w[n].astype("float64").reshape(-1) for n in shapes if n.endswith("_bias")]
+    want = numpy_plain_causal_attention(x.astype("float64"), *flat, heads, kv_heads)
     np.testing.assert_allclose(np_(compiled(layer)(x)), want, **TOL)
-    bad = dict(w, k_kernel=w["q_kernel"])
-    with pytest.raises(ValueError, match="k_kernel must have shape"):
-        layer.set_projection_weights(**bad)
+    bad = dict(w, key=w["query"])
+    with pytest.raises(ValueError, match="attention key"):
+        copy_attention_weights(bad, layer)
     no_bias = LinearAttention(heads, key_dim, num_key_value_heads=kv_heads)
-    with pytest.raises(ValueError, match="use_bias=False"):
-        no_bias.set_projection_weights(**w)
+    no_bias.build((None, None, D_MODEL))
+    with pytest.raises(ValueError, match="biases differ"):
+        copy_attention_weights(w, no_bias)
 
 
 def test_feature_maps():
@@ -289,7 +294,7 @@ def test_get_config_round_trip():
         normalization="norm",
         decay=True,
         rotary=True,
-        max_length=50,
+        max_sequence_length=50,
         output_dim=6,
         kernel_initializer="ones",
     )
@@ -429,10 +434,10 @@ def test_bad_inputs_raise_clear_errors():
         bidirectional.step(x[:, 0], {})
     with pytest.raises(ValueError, match="causal"):
         LinearAttention(2, 4, causal=False, decay=True)
-    short = LinearAttention(2, 4, max_length=4)
-    with pytest.raises(ValueError, match="max_length=4"):
+    short = LinearAttention(2, 4, max_sequence_length=4)
+    with pytest.raises(ValueError, match="max_sequence_length=4"):
         short(x)
-    with pytest.raises(ValueError, match="max_length=4"):
+    with pytest.raises(ValueError, match="max_sequence_length=4"):
         short.prefill(x)
     with pytest.raises(ValueError, match="even key_dim"):
         LinearAttention(2, 3, rotary=True)

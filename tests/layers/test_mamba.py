@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_lopt.layers.mamba import Mamba, Mamba2
+from keras_lopt.layers.mamba import Mamba
+from keras_lopt.layers.mamba2 import Mamba2
 from tests.layers.reference import numpy_feature_map
 from tests.layers.reference import numpy_rotary
 
@@ -329,7 +330,7 @@ def test_mamba2_initialised_as_linear_attention():
 
 @pytest.mark.parametrize("cls", [Mamba, Mamba2])
 def test_config_round_trip(cls):
-    layer = make(cls, chunk_size=4, max_length=32, conv_init="identity", gate=False)
+    layer = make(cls, chunk_size=4, max_sequence_length=32, conv_init="identity", gate=False)
     config = layer.get_config()
     clone = cls.from_config(config)
     assert clone.get_config() == config
@@ -387,7 +388,7 @@ def test_mixed_bfloat16_trains_and_reduces_the_loss():
 
 @pytest.mark.parametrize("cls", [Mamba, Mamba2])
 def test_bad_inputs(cls):
-    layer = make(cls, max_length=6)
+    layer = make(cls, max_sequence_length=6)
     with pytest.raises(ValueError, match="rank 3"):
         layer(np.zeros((2, 8), "float32"))
     with pytest.raises(ValueError, match="rank 2"):
@@ -400,9 +401,9 @@ def test_bad_inputs(cls):
         layer(np.zeros((2, 3, 6), "float32"))
     with pytest.raises(ValueError, match="d_model=8"):
         layer.step(np.zeros((2, 6), "float32"), layer.init_cache(2))
-    with pytest.raises(ValueError, match="max_length=6"):
+    with pytest.raises(ValueError, match="max_sequence_length=6"):
         layer(np.zeros((1, 7, 8), "float32"))
-    with pytest.raises(ValueError, match="max_length=6"):
+    with pytest.raises(ValueError, match="max_sequence_length=6"):
         layer.prefill(np.zeros((1, 7, 8), "float32"))
     with pytest.raises(ValueError, match="padding_mask"):
         layer(np.zeros((1, 5, 8), "float32"), padding_mask=np.ones((1, 4)))
