@@ -26,5 +26,6 @@ from keras_lopt import distillation  # noqa: E402
 from keras_lopt import layers  # noqa: E402
 from keras_lopt import meta  # noqa: E402
 from keras_lopt import models  # noqa: E402
+from keras_lopt import ops  # noqa: E402
 from keras_lopt import optimizers  # noqa: E402
 from keras_lopt import rules  # noqa: E402
