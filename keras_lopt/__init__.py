@@ -16,9 +16,29 @@ Layout:
   causal LMs of those mixers; `distillation`: Transformer -> linear
   attention -> Mamba-2.
 * `backend`: the one module with backend-specific code.
+
+The command line (`keras-lopt meta-train`, `python -m keras_lopt.cli`)
+defaults to the JAX backend when `KERAS_BACKEND` is unset.
 """
 
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+
+def _running_the_cli():
+    # `keras-lopt ...` or `python -m keras_lopt.cli ...`: this package is
+    # imported first, so the command's JAX default must be set here, before
+    # Keras loads and picks its own default backend.
+    argv = getattr(_sys, "orig_argv", _sys.argv)
+    if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "keras-lopt":
+        return True
+    return any(a == "-m" and b == "keras_lopt.cli" for a, b in zip(argv, argv[1:]))
+
+
+if "keras" not in _sys.modules and "KERAS_BACKEND" not in _os.environ and _running_the_cli():
+    _os.environ["KERAS_BACKEND"] = "jax"
 
 from keras_lopt import backend  # noqa: E402
 from keras_lopt import callbacks  # noqa: E402

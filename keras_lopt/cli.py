@@ -1,8 +1,8 @@
 """Command line: `keras-lopt meta-train ...`.
 
-Meta-training needs JAX. `import keras_lopt` has already imported Keras
-when this module runs, so without `KERAS_BACKEND` set the command restarts
-itself once with `KERAS_BACKEND=jax`.
+Meta-training needs JAX. The package imports Keras before this module
+runs, so `keras_lopt/__init__.py` sets `KERAS_BACKEND=jax` for the command
+when it is unset; a different backend requested is refused here.
 """
 
 import argparse
@@ -55,9 +55,12 @@ def main(argv=None):
     import keras
 
     if keras.backend.backend() != "jax":
-        argv = sys.argv[1:] if argv is None else list(argv)
-        env = dict(os.environ, KERAS_BACKEND="jax")
-        os.execve(sys.executable, [sys.executable, "-m", "keras_lopt.cli", *argv], env)
+        # Keras was imported before the package could choose (e.g. `main()`
+        # called from a session already on another backend).
+        sys.exit(
+            f"keras-lopt meta-train needs the JAX backend; Keras is running on "
+            f"{keras.backend.backend()!r}. Run it in a new process, or set KERAS_BACKEND=jax."
+        )
     args = _parser().parse_args(argv)
     from keras_lopt.meta.config import MetaTrainConfig
     from keras_lopt.meta.train import meta_train

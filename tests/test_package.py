@@ -159,3 +159,23 @@ def test_import_needs_no_other_framework(tmp_path):
         tmp_path,
     )
     assert out.strip() == "[]", out
+
+
+def test_command_line_defaults_to_jax_before_keras_loads(tmp_path):
+    """`python -m keras_lopt.cli` imports the package (and so Keras) first:
+    without KERAS_BACKEND it must still run on JAX, even where TensorFlow
+    (Keras's own default) is not installed."""
+    stub = tmp_path / "stub" / "tensorflow"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('tensorflow is not installed here')\n")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "stub"), REPO_ROOT])
+    proc = subprocess.run([sys.executable, "-m", "keras_lopt.cli", "meta-train", "--help"],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "usage: keras-lopt" in proc.stdout, proc.stderr[-3000:]
+    # A backend asked for explicitly is not overridden.
+    env["KERAS_BACKEND"] = "torch"
+    proc = subprocess.run([sys.executable, "-m", "keras_lopt.cli", "meta-train", "--out", "x",
+                           "--iterations", "1"], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "needs the JAX backend" in proc.stderr
