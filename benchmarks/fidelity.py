@@ -23,6 +23,10 @@ from keras_lopt.optimizers import Celo2Base
 from keras_lopt.rules import celo2
 from keras_lopt.rules.theta import load_theta
 
+# What the reference numbers record: the authors' per-tensor routing and the
+# Adam variant the meta-weights were trained with.
+REFERENCE = {"routing": "reference", "adam_bias_correction": False}
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.environ.get(
     "KERAS_LOPT_REFERENCE_DIR", os.path.join(ROOT, "..", "shared", "reference")
@@ -84,7 +88,7 @@ def celo_errors(cases, theta_path):
     variables = [
         keras.Variable(cases[f"params0/{leaf}"], name=leaf.replace("/", "_")) for leaf in order
     ]
-    optimizer = Celo(weights=theta_path, total_steps=int(cases["celo/num_steps"]))
+    optimizer = Celo(weights=theta_path, total_steps=int(cases["celo/num_steps"]), routing="reference")
     previous = [cases[f"params0/{leaf}"] for leaf in order]
     lr_err = step_err = param_err = 0.0
     for t in range(len(cases["celo/losses"])):
@@ -110,14 +114,14 @@ def main():
     theta = load_theta(theta_path)
     orth, base = rule_step_error(cases, theta, True), rule_step_error(cases, theta, False)
     params_base = trajectory_error(
-        Celo2Base(weights=theta_path, learning_rate=1e-3), cases, "params_base"
+        Celo2Base(weights=theta_path, learning_rate=1e-3, routing="reference"), cases, "params_base"
     )
     full_base = trajectory_error(
-        Celo2Base(weights=theta_path, learning_rate=1e-3, weight_decay=0.01), cases,
+        Celo2Base(weights=theta_path, learning_rate=1e-3, weight_decay=0.01, routing="reference"), cases,
         "full_base/params",
     )
     full = trajectory_error(
-        Celo2(weights=theta_path, learning_rate=1e-3, weight_decay=0.01), cases, "full/params"
+        Celo2(weights=theta_path, learning_rate=1e-3, weight_decay=0.01, **REFERENCE), cases, "full/params"
     )
     print("Celo2 / Celo2-base (max abs errors):")
     print("| backend | rule step (orth / base) | Celo2Base params | Celo2Base wd | Celo2 wd |")

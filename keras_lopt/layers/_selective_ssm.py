@@ -133,6 +133,11 @@ class SelectiveSSM(keras.layers.Layer):
         return (keras.initializers.RandomUniform(-bound, bound, seed=self._seed(1)),
                 keras.initializers.RandomUniform(-bound, bound, seed=self._seed(7)))
 
+    def routing_layouts(self):
+        """Tensors that are no matrix (`keras_lopt.rules.routing`): the
+        depthwise conv filters and the per-channel decay rates."""
+        return {"conv_kernel": None, "A_log": None}
+
     def _add_conv_weights(self, channels):
         kernel_init, bias_init = self._conv_initializers()
         self.conv_kernel = self.add_weight(

@@ -95,6 +95,13 @@ class CausalSelfAttention(keras.layers.Layer):
             self.value_bias = zeros("value_bias", (hkv, k))
             self.output_bias = zeros("output_bias", (d,))
 
+    def routing_layouts(self):
+        """The einsum each kernel is used in (`keras_lopt.rules.routing`)."""
+        return {
+            "query": "bld,dhk->blhk", "key": "bld,dhk->blhk",
+            "value": "bld,dhk->blhk", "output_kernel": "blhk,hkd->bld",
+        }
+
     def _project(self, x, positions):
         q = ops.einsum("bld,dhk->blhk", x, self.query)
         k = ops.einsum("bld,dhk->blhk", x, self.key)

@@ -98,6 +98,10 @@ class HedgehogFeatureMap(keras.layers.Layer):
             name="kernel",
         )
 
+    def routing_layouts(self):
+        """One `(key_dim, feature_dim)` matrix per head (`keras_lopt.rules.routing`)."""
+        return {"kernel": "...hd,hdf->...hf"}
+
     def call(self, inputs):
         x = ops.einsum("...hd,hdf->...hf", inputs, ops.cast(self.kernel, inputs.dtype))
         return ops.softmax(ops.concatenate([x, -x], axis=-1), axis=-1)

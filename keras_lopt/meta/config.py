@@ -2,7 +2,12 @@
 
 import dataclasses
 
+from keras_lopt.rules.routing import check_mode
 from keras_lopt.rules.theta import RULES
+
+# What runs recorded before these settings existed used; a resumed old run
+# keeps them (`from_dict`).
+LEGACY_DEFAULTS = {"adam_bias_correction": False, "routing": "reference"}
 
 
 @dataclasses.dataclass
@@ -27,6 +32,11 @@ class MetaTrainConfig:
         inner_lr: learning rate of the learned rule in inner runs (Celo2
             rules; Celo has none: its step is `1e-3 * ... * lr_mult`).
         adam_lr_ratio: Adam-branch multiplier (rule `"celo2"` only).
+        adam_bias_correction: whether the Adam branch is bias-corrected, as
+            in `Celo2(adam_bias_correction=...)`.
+        routing: `"deployment"` or `"reference"`, as in
+            `Celo2(routing=...)`: inner runs route each task tensor with
+            `keras_lopt.rules.routing.plan` on the task's Keras model.
         min_scale, max_scale: range of the log-uniform reparametrisation
             scale `s` (the task optimises `L(s * w)` from `w0 / s`).
         families: names of the task families (`tasks.FAMILIES`).
@@ -51,6 +61,9 @@ class MetaTrainConfig:
     outer_weight_decay: float = 1e-4
     inner_lr: float = 1e-3
     adam_lr_ratio: float = 20.0
+    # The defaults of the optimizers, so that meta-training sees what users run.
+    adam_bias_correction: bool = True
+    routing: str = "deployment"
     min_scale: float = 1e-3
     max_scale: float = 1e3
     families: tuple = (
@@ -73,7 +86,14 @@ class MetaTrainConfig:
                 "Celo phase 2 trains the scheduler on a frozen phase-1 MLP: "
                 "pass init_weights (the phase-1 theta.npz)."
             )
+        check_mode(self.routing)
         if self.pairs_per_family < 1 or self.truncation < 1:
             raise ValueError("pairs_per_family and truncation must be >= 1.")
         if not 1 <= self.min_horizon <= self.max_horizon:
             raise ValueError("Need 1 <= min_horizon <= max_horizon.")
+
+    @classmethod
+    def from_dict(cls, values):
+        """The config a run recorded (`dataclasses.asdict`), with settings
+        added since then at the values that run used."""
+        return cls(**dict(LEGACY_DEFAULTS, **values))

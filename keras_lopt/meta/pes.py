@@ -4,7 +4,7 @@ JAX only: the outer loop is `jit`-compiled, antithetic particles are
 `vmap`ped, inner steps are `lax.scan`ned, and the population is sharded over
 every visible JAX device. The update rule applied inside is exactly the
 `keras.ops` code the Keras optimizers run (`keras_lopt.rules`), tensors are
-routed by the same `rules.routing.route`, and Celo's scheduler advances
+routed by the same `rules.routing.plan` (on the task's Keras model), and Celo's scheduler advances
 through the same `rules.celo.scheduler_update`.
 
 Estimator (Vicol et al., 2021): for antithetic pair `theta +- eps` whose
@@ -80,9 +80,11 @@ class PESMetaTrainer:
         self.theta0 = {k: theta[k] for k in trained}
         self.frozen = {k: np.asarray(v) for k, v in theta.items() if k not in trained}
         self.orthogonalize = config.rule == "celo2"
-        # The optimizer's routing of each family's tensors, by path.
+        # The optimizer's routing of each family's tensors, from its model.
         self._family_routes = {
-            f.name: [routing.route(s, p, config.rule) for s, p in zip(f.shapes, f.paths)]
+            f.name: routing.plan(
+                f.model.trainable_variables, config.rule, model=f.model, mode=config.routing
+            )
             for f in families
         }
         devices = jax.devices()
@@ -161,7 +163,8 @@ class PESMetaTrainer:
                 )
             else:
                 new, st = adam.update(
-                    st, g, view, cfg.inner_lr * cfg.adam_lr_ratio, iteration=run["t"] + 1
+                    st, g, view, cfg.inner_lr * cfg.adam_lr_ratio, iteration=run["t"] + 1,
+                    bias_correction=cfg.adam_bias_correction,
                 )
             new_params.append(routing.unview(new, p.shape))
             new_opt.append(st)

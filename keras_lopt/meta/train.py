@@ -37,7 +37,7 @@ def load_checkpoint(path, families=None):
     import jax
 
     with np.load(path, allow_pickle=False) as archive:
-        config = MetaTrainConfig(**json.loads(str(archive["config"])))
+        config = MetaTrainConfig.from_dict(json.loads(str(archive["config"])))
         leaves = [archive[f"leaf_{i:05d}"] for i in range(len(archive.files) - 1)]
     trainer = PESMetaTrainer(config, families=families)
     template = trainer.init()

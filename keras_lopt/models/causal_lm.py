@@ -284,6 +284,13 @@ class CausalLM(keras.Model):
             return self.lm_head(x)
         return ops.matmul(x, ops.transpose(ops.cast(self.token_embedding.embeddings, x.dtype)))
 
+    def routing_io_layers(self):
+        """`(input_layers, output_layers)` for optimizers' routing
+        (`keras_lopt.rules.routing.io_layers`): the token embedding, and
+        the head (the token embedding again when the two are tied)."""
+        head = self.token_embedding if self.lm_head is None else self.lm_head
+        return [self.token_embedding], [head]
+
     def call(self, inputs, padding_mask=None):
         token_ids, padding_mask = self._unpack(inputs, padding_mask)
         x = self._embed(token_ids, padding_mask)

@@ -1,11 +1,14 @@
 """What every learned optimizer shares: weights, routing, state, config."""
 
+import sys
+import weakref
+
 from keras import backend
 from keras import ops
 from keras import optimizers
 
 from keras_lopt.backend import densify
-from keras_lopt.rules import routing
+from keras_lopt.rules import routing as routing_lib
 from keras_lopt.rules import theta as theta_lib
 
 try:
@@ -36,6 +39,33 @@ def _check_float(variable):
         )
 
 
+def calling_model(var_list, depth=16):
+    """The `keras.Model` that owns `var_list`, found among the callers.
+
+    Keras builds an optimizer from inside the model it trains (`fit`,
+    `train_on_batch`, `evaluate`, `compile_from_config`, the backends'
+    `train_step`), with `self` the model; a custom loop usually holds the
+    model in a local variable. The first model found whose trainable
+    variables include every variable of `var_list` is returned, else `None`.
+    """
+    import keras
+
+    wanted = {id(v) for v in var_list}
+    if not wanted:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        for name, value in list(frame.f_locals.items()):
+            if isinstance(value, keras.Model) and wanted <= {
+                id(v) for v in value.trainable_variables
+            }:
+                return value
+        frame = frame.f_back
+    return None
+
+
 def _values(slots):
     return {k: v.value if hasattr(v, "value") else v for k, v in slots.items()}
 
@@ -54,7 +84,7 @@ class LearnedOptimizer(optimizers.Optimizer):
 
     rule = None
 
-    def __init__(self, learning_rate, weights=None, name=None, **kwargs):
+    def __init__(self, learning_rate, weights=None, routing="deployment", name=None, **kwargs):
         # Every other argument (weight_decay, clipnorm, use_ema, ...) is the
         # base optimizer's, passed as is.
         super().__init__(
@@ -66,12 +96,70 @@ class LearnedOptimizer(optimizers.Optimizer):
             self.rule, weights, what=f"{self.__class__.__name__} weights"
         )
         self._theta_tensors = None
+        self.routing = routing_lib.check_mode(routing)
+        self._attached_model = None
 
     # -- routing and state ------------------------------------------------
 
-    def _route(self, variable):
-        """This optimizer's `routing.route` of `variable`."""
-        return routing.route(variable.shape, variable_path(variable), self.rule)
+    def _routing_options(self):
+        """Keyword arguments of `routing.route` besides shape, path, rule."""
+        return {}
+
+    def attach(self, model):
+        """Names the model whose variables this optimizer will update.
+
+        Routing reads the model's layers (input and output layers, conv and
+        einsum kernels' matrices). `fit` and `train_on_batch` make this
+        unnecessary: the optimizer finds the model that builds it. Call it
+        in a custom training loop, before the first update. Returns `self`.
+        """
+        if self.built:
+            raise ValueError("attach(model) must come before the optimizer is built.")
+        self._attached_model = weakref.ref(model)
+        return self
+
+    def _plan(self, var_list, model=None):
+        if model is None and self._attached_model is not None:
+            model = self._attached_model()
+        if model is None:
+            model = calling_model(var_list)
+        return routing_lib.plan(
+            var_list, self.rule, model=model,
+            paths=[variable_path(v) for v in var_list],
+            mode=self.routing, **self._routing_options(),
+        )
+
+    def routing_summary(self, model=None, print_fn=print):
+        """Prints (and returns) how each variable is updated, and why.
+
+        Before the optimizer is built, pass the `model` to see how it would
+        route it.
+
+        Example:
+
+        >>> optimizer = keras_lopt.optimizers.Celo2()
+        >>> optimizer.routing_summary(model)  # doctest: +SKIP
+        variable                shape      update   as          why
+        dense/kernel            (64, 128)  adam                 input layer
+        ...
+        """
+        if self.built and model is None:
+            variables = [v for v in self._trainable_variables]
+            routes = [self._routes[self._get_variable_index(v)] for v in variables]
+            kept = [(v, r) for v, r in zip(variables, routes) if r is not None]
+            variables, routes = [v for v, _ in kept], [r for _, r in kept]
+        elif model is not None:
+            variables = model.trainable_variables
+            routes = self._plan(variables, model=model)
+        else:
+            raise ValueError(
+                "The optimizer is not built yet: pass the model, "
+                "`optimizer.routing_summary(model)`."
+            )
+        text = routing_lib.summary(variables, routes, [variable_path(v) for v in variables])
+        if print_fn is not None:
+            print_fn(text)
+        return text
 
     def build(self, var_list):
         if self.built:
@@ -79,19 +167,19 @@ class LearnedOptimizer(optimizers.Optimizer):
         super().build(var_list)
         self._routes = [None] * len(var_list)
         self._states = [None] * len(var_list)
-        for var in var_list:
+        routes = self._plan(var_list)
+        for var, route in zip(var_list, routes):
             if self._overwrite_variable_with_gradient(var):
                 continue
             _check_float(var)
             index = self._get_variable_index(var)
-            route = self._route(var)
             prefix = variable_path(var).replace("/", "_").replace(":", "_")
-            if route.branch == routing.ADAM:
+            if route.branch == routing_lib.ADAM:
                 prefix += "_adam"
             self._routes[index] = route
             self._states[index] = {
                 key: self.add_variable(shape, dtype="float32", name=f"{prefix}_{key}")
-                for key, shape in routing.state_shapes(route).items()
+                for key, shape in routing_lib.state_shapes(route).items()
             }
 
     def _theta(self):
@@ -121,16 +209,16 @@ class LearnedOptimizer(optimizers.Optimizer):
         index = self._get_variable_index(variable)
         route = self._routes[index]
         slots = self._states[index]
-        gradient = routing.view(densify(gradient), route)
-        param = routing.view(variable, route)
-        branch = self._rule_update if route.branch == routing.RULE else self._adam_update
+        gradient = routing_lib.view(densify(gradient), route)
+        param = routing_lib.view(variable, route)
+        branch = self._rule_update if route.branch == routing_lib.RULE else self._adam_update
         new_value, new_state = branch(
             _values(slots), gradient, param, ops.cast(learning_rate, "float32"),
             self._decay(variable), index,
         )
         for key, slot in slots.items():
             self.assign(slot, new_state[key])
-        new_value = routing.unview(new_value, variable.shape)
+        new_value = routing_lib.unview(new_value, variable.shape)
         self.assign(variable, ops.cast(new_value, variable.dtype))
 
     def _rule_update(self, state, gradient, param, learning_rate, weight_decay, index):
@@ -143,10 +231,19 @@ class LearnedOptimizer(optimizers.Optimizer):
             f"{self.__class__.__name__} routes no variable to Adam."
         )
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # Configs saved before routing was an option were routed tensor by
+        # tensor (today's "reference"); their optimizer state has that layout.
+        config = dict(config)
+        config.setdefault("routing", "reference")
+        return super().from_config(config, custom_objects=custom_objects)
+
     def get_config(self):
         config = super().get_config()
         # The meta-weights themselves, never a path or "the shipped ones": a
         # saved model then loads anywhere, and keeps its weights when a later
         # release ships new defaults.
         config["weights"] = {k: v.tolist() for k, v in self.theta.items()}
+        config["routing"] = self.routing
         return config

@@ -50,7 +50,8 @@ def test_public_optimizer_reproduces_reference_trajectory(celo_reference):
         for leaf in order
     ]
     optimizer = Celo(
-        weights=celo_reference["theta_path"], total_steps=int(cases["celo/num_steps"])
+        weights=celo_reference["theta_path"], total_steps=int(cases["celo/num_steps"]),
+        routing="reference",
     )
     previous = [cases[f"params0/{leaf}"] for leaf in order]
     for t in range(len(cases["celo/losses"])):

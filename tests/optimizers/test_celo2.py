@@ -124,7 +124,14 @@ def test_routing_embeddings_biases_and_excluded_layers():
         "head/kernel": "adam",
         "head/bias": "adam",
     }
+    opt = Celo2(exclude_embeddings=False, routing="reference")
+    opt.build(model.trainable_variables)
+    assert opt._routes[0].branch == "rule"
+    # Deployment: the embedding is also the input layer; include_layers overrides.
     opt = Celo2(exclude_embeddings=False)
+    opt.build(model.trainable_variables)
+    assert opt._routes[0].reason == "input layer"
+    opt = Celo2(include_layers="embedding")
     opt.build(model.trainable_variables)
     assert opt._routes[0].branch == "rule"
     base = Celo2Base()

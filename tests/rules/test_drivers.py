@@ -26,13 +26,14 @@ def _trainer(**config):
     from keras_lopt.meta.pes import PESMetaTrainer
 
     x, y = tasks.teacher_data(seed=0, n=64, features=6, classes=3)
-    family = tasks.TaskFamily("tiny", x, y, (4,), 3, batch_size=8)
+    family = tasks.TaskFamily("tiny", x, y, (4, 5), 3, batch_size=8)
     base = dict(seed=0, pairs_per_family=2, truncation=3, min_horizon=50, max_horizon=50)
     return PESMetaTrainer(MetaTrainConfig(**dict(base, **config)), families=[family])
 
 
 def _flip_first_kernel(monkeypatch):
-    """Patches `routing.route` to send the first layer's kernel (6 x 4) to Adam."""
+    """Patches `routing.route` to send the first layer's kernel (6 x 4), an
+    input layer that the deployment policy sends to Adam, to the rule."""
     original = routing.route
     seen = []
 
@@ -40,7 +41,8 @@ def _flip_first_kernel(monkeypatch):
         got = original(shape, path, rule, **kwargs)
         seen.append(path)
         if tuple(shape) == (6, 4):
-            return routing.Route(routing.ADAM, got.shape)
+            assert got.branch == routing.ADAM
+            return routing.Route(routing.RULE, got.shape)
         return got
 
     monkeypatch.setattr(routing, "route", patched)
@@ -54,14 +56,15 @@ def test_both_drivers_share_the_routing(monkeypatch):
     trainer = _trainer(rule="celo2")
     family = trainer.families[0]
     assert seen == family.paths
-    assert [r.branch for r in trainer._routes(family)] == ["adam", "adam", "rule", "adam"]
+    expected = ["rule", "adam", "rule", "adam", "adam", "adam"]
+    assert [r.branch for r in trainer._routes(family)] == expected
     theta = init_theta("celo2", seed=4)
     seen.clear()
     # The optimizer sees the task model's own variables (same paths).
     optimizer = Celo2(weights=theta, learning_rate=trainer.config.inner_lr)
     variables = family.model.trainable_variables
-    optimizer.build(variables)
-    assert [r.branch for r in optimizer._routes] == ["adam", "adam", "rule", "adam"]
+    optimizer.attach(family.model).build(variables)
+    assert [r.branch for r in optimizer._routes] == expected
     _check_steps(trainer, optimizer, theta, variables)
 
 
