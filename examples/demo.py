@@ -4,8 +4,12 @@ An MLP classifies scikit-learn's handwritten digits (1,797 8x8 images, shipped
 with scikit-learn, so no download), split 80/20 into train and validation
 sets. Two copies of the model, with the same initial weights and the same
 batches in the same order, are trained side by side, one with
-`keras_lopt.optimizers.Celo2()` (its defaults) and one with
-`keras.optimizers.AdamW(learning_rate=1e-3)`. A table is printed after every
+`keras_lopt.optimizers.Celo2(total_steps=T)` (its defaults: peak rate 1e-3,
+the authors' deployment routing) and one with `keras.optimizers.AdamW`, both
+on the same schedule (`keras_lopt.optimizers.warmup_cosine`: 5% linear
+warm-up from 0, then cosine decay to 0 at the last of the T updates).
+AdamW's peak rate is `--adamw-lr` (default 1e-3, Keras's default rate).
+The routing Celo2 chose is printed first. A table is printed after every
 epoch, and the loss curves are saved to `<out-dir>/demo_celo2_vs_adamw.png`.
 
 Run it on any Keras backend (`make demo` runs the first line):
@@ -48,6 +52,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adamw-lr", type=float, default=1e-3, help="AdamW's peak rate")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "output"))
     args = parser.parse_args()
 
@@ -58,9 +63,12 @@ def main():
         x, y, test_size=0.2, stratify=y, random_state=args.seed
     )
 
+    total_steps = args.epochs * -(-len(x_train) // args.batch_size)
     optimizers = {
-        "Celo2": keras_lopt.optimizers.Celo2(),
-        "AdamW": keras.optimizers.AdamW(learning_rate=1e-3),
+        "Celo2": keras_lopt.optimizers.Celo2(total_steps=total_steps),
+        "AdamW": keras.optimizers.AdamW(
+            learning_rate=keras_lopt.optimizers.warmup_cosine(args.adamw_lr, total_steps)
+        ),
     }
     models, history, seconds = {}, {}, {}
     for name, optimizer in optimizers.items():
@@ -72,10 +80,12 @@ def main():
         )
         history[name] = {"loss": [], "val_loss": [], "val_accuracy": []}
         seconds[name] = 0.0
+    optimizers["Celo2"].routing_summary(models["Celo2"])
 
     print(
         f"backend {keras.backend.backend()}: {len(x_train)} train / {len(x_val)} "
-        f"validation digits, batch {args.batch_size}, {args.epochs} epochs\n"
+        f"validation digits, batch {args.batch_size}, {args.epochs} epochs "
+        f"({total_steps} updates, warm-up + cosine schedule)\n"
     )
     print("epoch | Celo2: train loss  val loss  val acc | AdamW: train loss  val loss  val acc")
     rng = np.random.default_rng(args.seed)
