@@ -287,14 +287,15 @@ def test_a_matrix_view_step_is_the_rule_on_the_explicit_matrix(kind):
     grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
     index = [id(v) for v in variables].index(id(var))
     start = keras.ops.convert_to_numpy(var)
-    theta = theta_lib.load("celo2", None)
-    state = {k: np.zeros(s, "float32") for k, s in rule.state_shapes(matrix).items()}
-    expected = start.reshape(matrix)
+    tensor = keras.ops.convert_to_tensor
+    theta = {k: tensor(v) for k, v in theta_lib.load("celo2", None).items()}
+    state = {k: keras.ops.zeros(s, "float32") for k, s in rule.state_shapes(matrix).items()}
+    expected = tensor(start.reshape(matrix))
     for _ in range(2):
         optimizer.apply(grads, variables)
-        expected, state = rule.update(theta, state, grads[index].reshape(matrix), expected,
-                                      1e-2, orthogonalize=True)
-        expected = keras.ops.convert_to_numpy(expected)
+        expected, state = rule.update(theta, state, tensor(grads[index].reshape(matrix)),
+                                      expected, tensor(1e-2), orthogonalize=True)
+    expected = keras.ops.convert_to_numpy(expected)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(var), expected.reshape(start.shape),
                                rtol=0, atol=2e-6)
 
