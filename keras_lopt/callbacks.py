@@ -1,10 +1,28 @@
 """Callbacks that connect loss-aware learned optimizers to `model.fit`."""
 
+import warnings
+
 import keras
 from keras import backend
 from keras import ops
 
 from keras_lopt import backend as _backend
+
+
+# Where a model keeps the loss-feeding train function of its last fit.
+_CACHE = "_keras_lopt_feeding_train_function"
+
+
+def _compile_key(model, optimizer):
+    # What a compiled train step depends on; `compile()` replaces the loss
+    # object, so a recompiled model never reuses a stale step.
+    # Objects, not ids (kept alive by the cache, so never reused).
+    return (optimizer, getattr(model, "_compile_loss", None),
+            model.jit_compile, model.steps_per_execution)
+
+
+def _same_key(a, b):
+    return a[0] is b[0] and a[1] is b[1] and a[2:] == b[2:]
 
 
 class FeedLossAndHorizon(keras.callbacks.Callback):
@@ -24,13 +42,21 @@ class FeedLossAndHorizon(keras.callbacks.Callback):
       `optimizer.apply(grads, vars, loss=loss)` (on JAX,
       `optimizer.feed_loss(loss)` before `optimizer.stateless_apply`); on
       JAX this callback refuses such a model rather than replace its step;
-    * sets the optimizer's `T` to the number of updates at the end of this
-      `fit` (`epochs x steps per epoch`, divided by the gradient
-      accumulation steps, counting updates already done), unless the
-      optimizer was given `total_steps` (or `set_total_steps` was called).
+    * sets the optimizer's `T`, once: the first `fit` sets it to the number
+      of updates at its end (`epochs x steps per epoch`, divided by the
+      gradient accumulation steps, counting updates already done, so
+      `fit(initial_epoch=...)` resumes the same plan), unless the optimizer
+      was given `total_steps` (or `set_total_steps` was called). Later fits
+      keep that `T`, and warn when they would run past it: the learned
+      schedule is never stretched silently. Past `T` the scheduler's
+      progress stays at 1. A loaded model keeps the `T` it was saved with.
       When `fit` cannot know the steps
       per epoch (a generator without a length and no `steps_per_epoch`),
       it raises an error asking for `total_steps`.
+
+    The train function compiled with the hand-over is kept on the model and
+    reused by the next `fit` with the same optimizer: repeated fits compile
+    once.
 
     `LossScaleOptimizer` (e.g. the `mixed_float16` policy) is looked through.
     `tf.distribute` strategies with several replicas are not supported (the
@@ -69,10 +95,11 @@ class FeedLossAndHorizon(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         model = self.model
-        # Keras skips `on_train_end` when `fit` raises: drop what an
-        # interrupted run may have left before installing anew.
-        self._restore(model)
         outer = model.optimizer
+        if "train_step" in vars(model) or "scale_loss" in vars(outer):
+            # Keras skips `on_train_end` when `fit` raises: drop what an
+            # interrupted run left before installing anew.
+            self._restore(model)
         optimizer = getattr(outer, "inner_optimizer", outer)
         if not hasattr(optimizer, "feed_loss"):
             raise TypeError(
@@ -82,7 +109,11 @@ class FeedLossAndHorizon(keras.callbacks.Callback):
             )
         self._optimizer = optimizer
         self._first_epoch = True
-        self._derive_horizon = not optimizer.horizon_fixed and bool(self.params)
+        # T is derived once, by the first `fit`; later fits keep it (see
+        # `on_epoch_begin`), so a second `fit` never stretches the schedule.
+        self._derive_horizon = (
+            not optimizer.horizon_fixed and optimizer.horizon is None and bool(self.params)
+        )
         if self._derive_horizon and not self.params.get("steps"):
             raise ValueError(
                 "`fit` does not know the number of steps per epoch (a dataset "
@@ -90,45 +121,77 @@ class FeedLossAndHorizon(keras.callbacks.Callback):
                 "be derived. Pass `steps_per_epoch` to `fit`, or "
                 "`Celo(total_steps=T)`."
             )
+        if backend.backend() == "jax" and type(model).train_step is not keras.Model.train_step:
+            raise TypeError(
+                f"{type(model).__name__} defines its own `train_step`, which "
+                "FeedLossAndHorizon cannot hand the loss through on JAX. In "
+                "that `train_step`, call `optimizer.feed_loss(loss)` right "
+                "before `optimizer.stateless_apply(...)` (or pass `loss=` to "
+                "`optimizer.apply`), and drop this callback."
+            )
+        self._previous_function = model.train_function
+        cached = vars(model).get(_CACHE)
+        if cached is not None and _same_key(cached[0], _compile_key(model, optimizer)):
+            # The compiled step of an earlier fit with this optimizer: reuse
+            # it rather than compile the same step again.
+            _, patch, model.train_function = cached
+            self._install(model, outer, patch)
+            return
         if backend.backend() == "jax":
-            if type(model).train_step is not keras.Model.train_step:
-                raise TypeError(
-                    f"{type(model).__name__} defines its own `train_step`, which "
-                    "FeedLossAndHorizon cannot hand the loss through on JAX. In "
-                    "that `train_step`, call `optimizer.feed_loss(loss)` right "
-                    "before `optimizer.stateless_apply(...)` (or pass `loss=` to "
-                    "`optimizer.apply`), and drop this callback."
-                )
-            model.train_step = _backend.jax_train_step_feeding_loss(model, optimizer)
+            patch = _backend.jax_train_step_feeding_loss(model, optimizer)
         else:
             original = outer.scale_loss
 
-            def scale_loss(loss):
+            def patch(loss):
                 optimizer.feed_loss(loss)
                 return original(loss)
 
-            outer.scale_loss = scale_loss
+        self._install(model, outer, patch)
         model.make_train_function(force=True)
+
+    @staticmethod
+    def _install(model, outer, patch):
+        if backend.backend() == "jax":
+            model.train_step = patch
+        else:
+            outer.scale_loss = patch
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._first_epoch:
             return
         self._first_epoch = False
-        if not self._derive_horizon:
-            return
         optimizer = self._optimizer
+        if optimizer.horizon_fixed or not self.params or not self.params.get("steps"):
+            return
         accumulation = optimizer.gradient_accumulation_steps or 1
         # `iterations` counts updates (batches / accumulation steps).
         done = int(ops.convert_to_numpy(optimizer.iterations))
         remaining = (self.params["epochs"] - epoch) * self.params["steps"] // accumulation
-        optimizer._set_horizon(max(1, done + remaining))
+        end = max(1, done + remaining)
+        if self._derive_horizon:
+            optimizer._set_horizon(end)
+        elif end > optimizer.horizon:
+            warnings.warn(
+                f"This fit runs Celo to update {end}, past the horizon T = "
+                f"{optimizer.horizon} an earlier fit set. T is kept (past it, "
+                "the scheduler's progress stays at 1: the learned schedule is "
+                "not stretched). To plan the longer run, call "
+                f"`optimizer.set_total_steps({end})` before this fit.",
+                stacklevel=2,
+            )
 
     @staticmethod
-    def _restore(model):
+    def _restore(model, keep=None):
         vars(model).pop("train_step", None)
         if getattr(model, "optimizer", None) is not None:
             vars(model.optimizer).pop("scale_loss", None)
-        model.train_function = None
+        model.train_function = keep
 
     def on_train_end(self, logs=None):
-        self._restore(self.model)
+        model = self.model
+        patch = vars(model).get("train_step") or vars(model.optimizer).get("scale_loss")
+        if patch is not None and model.train_function is not None:
+            vars(model)[_CACHE] = (
+                _compile_key(model, self._optimizer), patch, model.train_function
+            )
+        self._restore(model, keep=self._previous_function)

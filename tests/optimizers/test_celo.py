@@ -203,8 +203,13 @@ def test_horizon_from_fit_counts_epochs_accumulation_and_earlier_updates():
     model.compile(optimizer=optimizer, loss="mse")
     model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[FeedLossAndHorizon()])
     assert optimizer.horizon == 12  # 3 epochs x 8 batches / 2
+    # A second fit keeps T (the learned schedule is not stretched) and says so.
+    with pytest.warns(UserWarning, match="past the horizon T = 12"):
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[FeedLossAndHorizon()])
+    assert optimizer.horizon == 12
+    optimizer.set_total_steps(40)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[FeedLossAndHorizon()])
-    assert optimizer.horizon == 20  # 12 updates done + 16 batches / 2
+    assert optimizer.horizon == 40
     fixed = Celo(weights=THETA, total_steps=1000)
     model = _sequential()
     model.compile(optimizer=fixed, loss="mse")
@@ -213,6 +218,30 @@ def test_horizon_from_fit_counts_epochs_accumulation_and_earlier_updates():
     fixed.set_total_steps(77)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[FeedLossAndHorizon()])
     assert fixed.horizon == 77
+
+
+def test_repeated_fits_compile_the_train_step_once():
+    x, y = _data()
+    model = _sequential()
+    optimizer = Celo(weights=THETA, total_steps=100)
+    model.compile(optimizer=optimizer, loss="mse")
+    traced, feed = [], optimizer.feed_loss
+    optimizer.feed_loss = lambda loss: (traced.append(1), feed(loss))[1]
+    fit = dict(batch_size=8, verbose=0, callbacks=[FeedLossAndHorizon()])
+    model.fit(x, y, epochs=1, **fit)
+    first = vars(model)["_keras_lopt_feeding_train_function"][2]
+    after_first = len(traced)
+    model.fit(x, y, epochs=1, **fit)
+    assert vars(model)["_keras_lopt_feeding_train_function"][2] is first
+    if keras.backend.backend() == "jax":
+        # The Python step runs only while JAX traces it: not again.
+        assert len(traced) == after_first
+    # Outside fit the model is left as it was, and a recompiled model does
+    # not reuse the step compiled for its old loss.
+    assert "train_step" not in vars(model)
+    model.compile(optimizer=model.optimizer, loss="mae")
+    model.fit(x, y, epochs=1, **fit)
+    assert vars(model)["_keras_lopt_feeding_train_function"][2] is not first
 
 
 def test_a_failed_fit_leaves_no_patch_behind():
