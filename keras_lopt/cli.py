@@ -35,6 +35,13 @@ def _parser():
     mt.add_argument("--sigma", type=float, default=defaults.sigma)
     mt.add_argument("--outer-lr", type=float, default=defaults.outer_lr)
     mt.add_argument("--outer-weight-decay", type=float, default=defaults.outer_weight_decay)
+    mt.add_argument("--routing", choices=["deployment", "reference"], default=defaults.routing,
+                    help="how inner runs route task tensors, as Celo2(routing=...); "
+                         "runs before this option used 'reference'")
+    mt.add_argument("--adam-bias-correction", action=argparse.BooleanOptionalAction,
+                    default=defaults.adam_bias_correction,
+                    help="bias-corrected Adam branch, as Celo2(adam_bias_correction=...); "
+                         "runs before this option used --no-adam-bias-correction")
     mt.add_argument("--init-weights", default="",
                     help="start from these meta-weights (.npz or .state) instead of a random init")
     mt.add_argument("--checkpoint-every", type=int, default=100)
@@ -77,6 +84,8 @@ def main(argv=None):
         outer_lr=args.outer_lr,
         outer_weight_decay=args.outer_weight_decay,
         init_weights=args.init_weights,
+        routing=args.routing,
+        adam_bias_correction=args.adam_bias_correction,
         **({"families": tuple(args.families.split(","))} if args.families else {}),
     )
     meta_train(

@@ -16,8 +16,10 @@ jax_only = pytest.mark.skipif(keras.backend.backend() != "jax", reason="needs KE
 
 
 def tiny_families():
+    # Two hidden layers: under the deployment routing the first and last
+    # kernels take Adam, and the middle one the learned rule.
     x, y = tasks.teacher_data(seed=0, n=64, features=6, classes=3)
-    return [tasks.TaskFamily("tiny", x, y, (4,), 3, batch_size=8)]
+    return [tasks.TaskFamily("tiny", x, y, (4, 4), 3, batch_size=8)]
 
 
 def tiny_config(**kw):
