@@ -42,6 +42,10 @@ def _parser():
                     default=defaults.adam_bias_correction,
                     help="bias-corrected Adam branch, as Celo2(adam_bias_correction=...); "
                          "runs before this option used --no-adam-bias-correction")
+    mt.add_argument("--warmup-cosine-fraction", type=float,
+                    default=defaults.warmup_cosine_fraction,
+                    help="share of inner runs on warm-up + cosine over their horizon "
+                         "(the rest at a constant rate); runs before this option used 0")
     mt.add_argument("--init-weights", default="",
                     help="start from these meta-weights (.npz or .state) instead of a random init")
     mt.add_argument("--checkpoint-every", type=int, default=100)
@@ -85,6 +89,7 @@ def main(argv=None):
         outer_weight_decay=args.outer_weight_decay,
         init_weights=args.init_weights,
         routing=args.routing,
+        warmup_cosine_fraction=args.warmup_cosine_fraction,
         adam_bias_correction=args.adam_bias_correction,
         **({"families": tuple(args.families.split(","))} if args.families else {}),
     )

@@ -7,7 +7,9 @@ from keras_lopt.rules.theta import RULES
 
 # What runs recorded before these settings existed used; a resumed old run
 # keeps them (`from_dict`).
-LEGACY_DEFAULTS = {"adam_bias_correction": False, "routing": "reference"}
+LEGACY_DEFAULTS = {
+    "adam_bias_correction": False, "routing": "reference", "warmup_cosine_fraction": 0.0,
+}
 
 
 @dataclasses.dataclass
@@ -37,6 +39,10 @@ class MetaTrainConfig:
         routing: `"deployment"` or `"reference"`, as in
             `Celo2(routing=...)`: inner runs route each task tensor with
             `keras_lopt.rules.routing.plan` on the task's Keras model.
+        warmup_cosine_fraction: the share of inner runs (Celo2 rules) whose
+            rate follows `keras_lopt.rules.schedule.warmup_cosine` over the
+            run's horizon, as `Celo2(total_steps=horizon)` does; the others
+            run at the constant `inner_lr`.
         min_scale, max_scale: range of the log-uniform reparametrisation
             scale `s` (the task optimises `L(s * w)` from `w0 / s`).
         families: names of the task families (`tasks.FAMILIES`).
@@ -64,6 +70,7 @@ class MetaTrainConfig:
     # The defaults of the optimizers, so that meta-training sees what users run.
     adam_bias_correction: bool = True
     routing: str = "deployment"
+    warmup_cosine_fraction: float = 0.5
     min_scale: float = 1e-3
     max_scale: float = 1e3
     families: tuple = (
@@ -87,6 +94,8 @@ class MetaTrainConfig:
                 "pass init_weights (the phase-1 theta.npz)."
             )
         check_mode(self.routing)
+        if not 0.0 <= self.warmup_cosine_fraction <= 1.0:
+            raise ValueError("warmup_cosine_fraction must be in [0, 1].")
         if self.pairs_per_family < 1 or self.truncation < 1:
             raise ValueError("pairs_per_family and truncation must be >= 1.")
         if not 1 <= self.min_horizon <= self.max_horizon:

@@ -24,6 +24,7 @@ from keras_lopt.rules import adam
 from keras_lopt.rules import celo
 from keras_lopt.rules import celo2
 from keras_lopt.rules import routing
+from keras_lopt.rules import schedule
 from keras_lopt.rules import theta as theta_lib
 
 __all__ = ["MetaTrainConfig", "PESMetaTrainer", "require_jax"]
@@ -154,16 +155,22 @@ class PESMetaTrainer:
         if cfg.rule == "celo":
             run = self._celo_update(self._full_theta(theta), run, loss, grads)
             return run, (family.normalized_loss(loss), reset)
+        lr = cfg.inner_lr
+        if cfg.warmup_cosine_fraction > 0:
+            # Each run draws its schedule once, from its own key.
+            cosine = jax.random.uniform(jax.random.fold_in(run["key"], 11)) < (
+                cfg.warmup_cosine_fraction)
+            lr = lr * jnp.where(cosine, schedule.warmup_cosine(run["t"], run["horizon"]), 1.0)
         new_params, new_opt = [], []
         for p, g, st, route in zip(run["params"], grads, run["opt"], self._routes(family)):
             g, view = routing.view(g, route), routing.view(p, route)
             if route.branch == routing.RULE:
                 new, st = celo2.update(
-                    theta, st, g, view, cfg.inner_lr, orthogonalize=self.orthogonalize
+                    theta, st, g, view, lr, orthogonalize=self.orthogonalize
                 )
             else:
                 new, st = adam.update(
-                    st, g, view, cfg.inner_lr * cfg.adam_lr_ratio, iteration=run["t"] + 1,
+                    st, g, view, lr * cfg.adam_lr_ratio, iteration=run["t"] + 1,
                     bias_correction=cfg.adam_bias_correction,
                 )
             new_params.append(routing.unview(new, p.shape))

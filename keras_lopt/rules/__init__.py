@@ -13,9 +13,10 @@ Modules:
   `scheduler_update` (once per update) and `update` (once per tensor).
 * `adam`: Adam with decoupled weight decay (Celo2's Adam branch, and the
   meta-trainer's outer optimizer).
-* `routing`: `route`, the one decision of which tensor takes the learned
-  rule and which Adam, and the shape the rule sees it in.
+* `routing`: `route` and `plan`, the one decision of which tensor takes
+  the learned rule and which Adam, and the shape the rule sees it in.
 * `theta`: meta-weight formats (keras-lopt `.npz`, the authors' `.state`),
   `load` (shipped weights in `weights/`) and `init_theta`.
+* `schedule`: `warmup_cosine`, the deployment schedule's multiplier.
 * `guard`: the non-finite skip every update runs under.
 """

@@ -275,7 +275,8 @@ def test_inner_step_is_the_keras_optimizer_step(rule):
     from keras_lopt.rules import celo2
     from keras_lopt.rules.theta import init_theta
 
-    trainer = PESMetaTrainer(tiny_config(rule=rule, min_horizon=50, max_horizon=50),
+    trainer = PESMetaTrainer(tiny_config(rule=rule, min_horizon=50, max_horizon=50,
+                                         warmup_cosine_fraction=0.0),
                              families=tiny_families())
     family = trainer.families[0]
     theta = init_theta("celo2", seed=4)

@@ -6,6 +6,7 @@ import pytest
 
 from keras_lopt.optimizers import Celo2
 from keras_lopt.optimizers import Celo2Base
+from keras_lopt.optimizers import WarmupCosine
 from keras_lopt.optimizers import warmup_cosine
 
 
@@ -24,6 +25,12 @@ def test_warmup_then_cosine_to_zero():
     floor = warmup_cosine(1e-3, 100, warmup_fraction=0.0, final_learning_rate=1e-5)
     np.testing.assert_allclose(_rate(floor, 0), 1e-3, rtol=1e-6)
     np.testing.assert_allclose(_rate(floor, 100), 1e-5, rtol=1e-4)
+    # The same curve as Keras's own CosineDecay with a warm-up.
+    keras_schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=190, alpha=0.0, warmup_target=1e-3, warmup_steps=10)
+    for step in (0, 1, 7, 10, 11, 100, 199, 200, 250):
+        np.testing.assert_allclose(_rate(schedule, step), _rate(keras_schedule, step),
+                                   rtol=1e-5, atol=1e-12)
     with pytest.raises(ValueError, match="total_steps"):
         warmup_cosine(1e-3, 0)
     with pytest.raises(ValueError, match="warmup_fraction"):
@@ -33,7 +40,7 @@ def test_warmup_then_cosine_to_zero():
 @pytest.mark.parametrize("cls", [Celo2, Celo2Base])
 def test_total_steps_gives_the_schedule_and_round_trips(cls):
     optimizer = cls(learning_rate=2e-3, total_steps=100)
-    assert isinstance(optimizer._learning_rate, keras.optimizers.schedules.CosineDecay)
+    assert isinstance(optimizer._learning_rate, WarmupCosine)
     clone = cls.from_config(optimizer.get_config())
     assert clone.total_steps == 100
     for step in (0, 3, 50, 99):

@@ -27,7 +27,8 @@ def _trainer(**config):
 
     x, y = tasks.teacher_data(seed=0, n=64, features=6, classes=3)
     family = tasks.TaskFamily("tiny", x, y, (4, 5), 3, batch_size=8)
-    base = dict(seed=0, pairs_per_family=2, truncation=3, min_horizon=50, max_horizon=50)
+    base = dict(seed=0, pairs_per_family=2, truncation=3, min_horizon=50, max_horizon=50,
+                warmup_cosine_fraction=0.0)
     return PESMetaTrainer(MetaTrainConfig(**dict(base, **config)), families=[family])
 
 
@@ -66,6 +67,25 @@ def test_both_drivers_share_the_routing(monkeypatch):
     optimizer.attach(family.model).build(variables)
     assert [r.branch for r in optimizer._routes] == expected
     _check_steps(trainer, optimizer, theta, variables)
+
+
+def test_both_drivers_share_the_schedule():
+    """An inner run on warm-up + cosine steps as `Celo2(total_steps=horizon)`."""
+    from keras_lopt.optimizers import Celo2
+
+    trainer = _trainer(rule="celo2", warmup_cosine_fraction=1.0, truncation=3)
+    family = trainer.families[0]
+    theta = init_theta("celo2", seed=4)
+    optimizer = Celo2(weights=theta, learning_rate=trainer.config.inner_lr, total_steps=50)
+    variables = family.model.trainable_variables
+    optimizer.attach(family.model).build(variables)
+    run = _check_steps(trainer, optimizer, theta, variables, steps=4)
+    assert int(run["t"]) == 4
+    # A constant-rate optimizer differs from the scheduled run.
+    constant = Celo2(weights=theta, learning_rate=trainer.config.inner_lr).attach(family.model)
+    constant.build(variables)
+    with pytest.raises(AssertionError):
+        _check_steps(trainer, constant, theta, variables, steps=2)
 
 
 def _check_steps(trainer, optimizer, theta, variables, with_loss=False, steps=3):
