@@ -131,13 +131,18 @@ import jax, numpy as np, sys
 sys.path.insert(0, {repo!r})
 from tests.meta.test_meta import tiny_config, tiny_families
 from keras_lopt.meta.pes import PESMetaTrainer
-trainer = PESMetaTrainer(tiny_config(pairs_per_family=4, outer_lr=1e-3), families=tiny_families())
+# Every kernel through the rule (routing "reference"): a larger meta-gradient,
+# so that float re-association across devices stays far below the tolerance.
+trainer = PESMetaTrainer(tiny_config(pairs_per_family=4, outer_lr=1e-3, routing="reference"),
+                         families=tiny_families())
 state = trainer.init()
 for _ in range(3):
     state, _ = trainer.outer_step(state)
 t = state["populations"][0]["runs"]["t"]
 print("DEVICES", len(t.sharding.device_set))
-np.savez({out!r}, **{{k: np.asarray(v) for k, v in state["theta"].items()}})
+arrays = {{k: np.asarray(v) for k, v in state["theta"].items()}}
+arrays.update({{"m/" + k: np.asarray(v) for k, v in state["adam_m"].items()}})
+np.savez({out!r}, **arrays)
 """
 
 
@@ -154,11 +159,18 @@ def test_population_is_sharded_over_devices_with_same_result(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"DEVICES {n}" in proc.stdout
         results[n] = np.load(out)
-    # Equal up to float re-association inside XLA's partitioned programs,
-    # which Adam's first steps (about sign(g) * lr) can magnify; a real error
-    # (other perturbations, a mis-sharded pair) moves theta by ~lr = 1e-3.
+    # Equal up to float re-association inside XLA's partitioned programs.
+    # The outer Adam's first moments (an average of the meta-gradients, not
+    # normalised) agree to 1e-3 of their scale; a real error (other
+    # perturbations, a mis-sharded pair) changes them by their own size.
+    # theta agrees to half of one outer step (lr = 1e-3): Adam's first steps,
+    # about sign(g) * lr, magnify re-association in near-zero gradients.
     for k in results[1].files:
-        np.testing.assert_allclose(results[1][k], results[4][k], rtol=0, atol=2e-5)
+        a, b = results[1][k], results[4][k]
+        if k.startswith("m/"):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * np.abs(a).max(), err_msg=k)
+        else:
+            np.testing.assert_allclose(a, b, rtol=0, atol=5e-4, err_msg=k)
 
 
 @jax_only
@@ -243,8 +255,12 @@ def test_pes_gradient_points_uphill_along_a_shared_direction():
     estimate projected on d is the finite-difference slope of the loss."""
     from keras_lopt.meta.pes import PESMetaTrainer
 
+    # Every kernel through the rule (routing "reference"): under the
+    # deployment routing only the 4x4 middle kernel depends on theta, and the
+    # finite-difference slope is then too small for float32 to check to 1e-3.
     trainer = PESMetaTrainer(tiny_config(pairs_per_family=2, truncation=5, min_horizon=50,
-                                         max_horizon=50, sigma=0.05), families=tiny_families())
+                                         max_horizon=50, sigma=0.05, routing="reference"),
+                             families=tiny_families())
     state = trainer.init()
     theta, population = state["theta"], state["populations"][0]
     population["runs"]["t"] = population["runs"]["t"] * 0
