@@ -132,7 +132,9 @@ def _pin_to_one_cpu():
     return cpu, allowed
 
 
-PINNED_CPU, ALLOWED_CPUS = _pin_to_one_cpu()
+# Only as a script: an importer (a test) keeps its own affinity.
+PINNED_CPU, ALLOWED_CPUS = (_pin_to_one_cpu() if __name__ == "__main__"
+                            else (None, sorted(getattr(os, "sched_getaffinity", lambda _: [0])(0))))
 
 import keras  # noqa: E402  (after pinning)
 import numpy as np  # noqa: E402
