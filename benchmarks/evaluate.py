@@ -159,19 +159,23 @@ HALF_DECADE = 10 ** 0.5
 # Default steps per task: more for cheap steps, fewer for the language
 # models, so that a full run fits in ~35 min on 2 cores (see `estimate_seconds`).
 TASK_STEPS = {
-    "tabular_noisy": 1000, "teacher_regression": 1000, "cnn_digits_aug": 1000,
-    "denoise_digits": 800, "autoencoder_digits": 1000, "vit_digits": 500,
-    "transformer_stdlib": 400, "gru_stdlib": 400, "mamba2_stdlib": 300,
+    "tabular_noisy": 1500, "teacher_regression": 2000, "cnn_digits_aug": 1500,
+    "denoise_digits": 1000, "autoencoder_digits": 2000, "vit_digits": 800,
+    "transformer_stdlib": 600, "gru_stdlib": 800, "mamba2_stdlib": 500,
     "mlp_breast_cancer": 500,
 }
-# Measured ms per AdamW step on one core of the development machine (jax),
-# for the time estimate and for splitting tasks between workers.
+# ms per step on one core of the development machine (jax, `--quick` run of
+# 2026-12-02), averaged over a default run's mix of runs (6 AdamW, 6 Muon,
+# 8 Celo2), for the time estimate and for splitting tasks between workers.
 TASK_MS = {
-    "tabular_noisy": 4.5, "teacher_regression": 1.3, "cnn_digits_aug": 5.5,
-    "denoise_digits": 9.7, "autoencoder_digits": 1.1, "vit_digits": 23.0,
-    "transformer_stdlib": 60.0, "gru_stdlib": 25.0, "mamba2_stdlib": 90.0,
+    "tabular_noisy": 14.8, "teacher_regression": 3.4, "cnn_digits_aug": 4.6,
+    "denoise_digits": 9.5, "autoencoder_digits": 1.7, "vit_digits": 27.1,
+    "transformer_stdlib": 45.6, "gru_stdlib": 21.4, "mamba2_stdlib": 46.7,
     "mlp_breast_cancer": 1.0,
 }
+# Seconds per run besides the steps: tracing (compilation is cached on jax)
+# and the 21 validation passes.
+RUN_OVERHEAD_S = 4.0
 QUICK_TASK_STEPS = 60
 
 
@@ -655,7 +659,7 @@ def summarize(results):
     return summary
 
 
-def estimate_seconds(config, ms=None, factor=1.6, overhead_s=3.0):
+def estimate_seconds(config, ms=None, factor=1.0, overhead_s=RUN_OVERHEAD_S):
     """Rough wall time of `config` on one core: per task, the runs it needs
     (grid points + extra seeds) x (steps x ms per step x `factor` for the
     costlier optimizers + `overhead_s` of tracing and validation)."""
