@@ -215,16 +215,44 @@ def warmup_cosine(peak, total_steps, warmup_fraction=WARMUP_FRACTION):
 _SCHEDULE_CACHE = {}
 
 
+def _warmup_cosine_numpy(peak, total_steps, warmup_fraction=WARMUP_FRACTION):
+    """`warmup_cosine`'s value at every step, in closed form (numpy, float64)."""
+    warmup = int(round(warmup_fraction * total_steps))
+    decay = max(1, total_steps - warmup)
+    t = np.arange(total_steps, dtype="float64")
+    warm = peak * t / warmup if warmup else np.zeros_like(t)
+    after = np.minimum(t, decay + warmup) - warmup
+    return np.where(t < warmup, warm, peak * 0.5 * (1.0 + np.cos(np.pi * after / decay)))
+
+
 def schedule_values(peak, total_steps, kind="warmup_cosine"):
-    """The learning rate of each step 0 .. total_steps-1 (float64 array)."""
+    """The learning rate of each step 0 .. total_steps-1 (float64 array).
+
+    For "warmup_cosine", the closed form of `_warmup_cosine_numpy`, checked
+    against the schedule object `warmup_cosine` returns at the steps around
+    the warm-up's end, mid-way and at the end (evaluating the object at
+    every step costs milliseconds each in eager mode); if they disagree,
+    every step is evaluated with the object.
+    """
     key = (peak, total_steps, kind)
     if key not in _SCHEDULE_CACHE:
         if kind == "constant":
-            values = np.full(total_steps, peak)
+            values = np.full(total_steps, float(peak))
         else:
+            values = _warmup_cosine_numpy(peak, total_steps)
             schedule = warmup_cosine(peak, total_steps)
-            values = np.array([float(keras.ops.convert_to_numpy(schedule(step)))
-                               for step in range(total_steps)])
+            warmup = int(round(WARMUP_FRACTION * total_steps))
+            probe = sorted({0, 1, max(0, warmup - 1), warmup, min(total_steps - 1, warmup + 1),
+                            total_steps // 2, total_steps - 1})
+
+            def at(step):
+                return float(keras.ops.convert_to_numpy(schedule(step)))
+
+            expected = np.array([at(step) for step in probe])
+            if not np.allclose(values[probe], expected, rtol=1e-5, atol=1e-7 * abs(peak)):
+                log(f"warmup_cosine({peak}, {total_steps}) differs from its closed form; "
+                    "evaluating it at every step")
+                values = np.array([at(step) for step in range(total_steps)])
         _SCHEDULE_CACHE[key] = values
     return _SCHEDULE_CACHE[key]
 
@@ -454,8 +482,8 @@ def train(task, spec, learning_rate, seed, config, steps):
                        record_lr_mult=spec.loss_aware))
         if math.isfinite(run["val_losses"][-1]):
             run["test_loss"] = _evaluate(model, task.test)
-        if hasattr(optimizer, "routing_summary") and seed == 0:
-            run["routing"] = optimizer.routing_summary()
+        if hasattr(optimizer, "routing_table") and seed == 0:
+            run["routing"] = [list(row) for row in optimizer.routing_table()]
     except Exception as error:  # noqa: BLE001 - a failing optimizer is a result
         traceback.print_exc()
         run["error"] = f"{type(error).__name__}: {error}"
@@ -653,7 +681,7 @@ def summarize(results):
             entry["ahead_of_adamw"] = int(sum(ahead))
         summary[name] = entry
     finals = {n: [_mean_final(t["runs"][n]) for t in tasks.values()] for n in names}
-    taus = np.linspace(1.0, 2.0, 41)
+    taus = np.geomspace(1.0, 4.0, 61)
     profile = stats.performance_profile(finals, taus)
     results["profile"] = {"taus": taus.tolist(), **{n: v.tolist() for n, v in profile.items()}}
     return summary
@@ -790,6 +818,19 @@ def markdown(results):
             if tune["edge"]:
                 edges.append(f"{t} / {OPTIMIZERS[n].label} ({tune['edge']})")
     lines += ["", "**Optima on a grid edge:** " + (", ".join(edges) if edges else "none") + "."]
+    routing = []
+    for t, r in tasks.items():
+        for n, runs in r["runs"].items():
+            table_rows = runs[0].get("routing")
+            if table_rows:
+                rule = [row for row in table_rows if row[1] == "rule"]
+                viewed = [row for row in rule if list(row[2]) != list(row[3])]
+                routing.append(f"- {t} / {OPTIMIZERS[n].label}: {len(rule)} tensors on the "
+                               f"matrix rule ({len(viewed)} of them reshaped), "
+                               f"{len(table_rows) - len(rule)} on Adam(W)")
+    if routing:
+        lines += ["", "## Routing (`routing_table()`; per variable in the JSON)", "",
+                  *routing]
     lines += ["", "## Time per step, ms (first step incl. compilation, s), seed 0", ""]
     lines += table(["task"] + labels, [
         [t] + [f"{_fmt(1e3 * r['runs'][n][0]['step_s'], '.1f')} "
@@ -878,6 +919,7 @@ def plot_profile(results, path):
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name in results["config"]["optimizers"]:
         ax.step(profile["taus"], profile[name], where="post", label=OPTIMIZERS[name].label)
+    ax.set_xscale("log")
     ax.set(xlabel="tau (final validation loss / best of any optimizer)",
            ylabel="fraction of tasks <= tau", ylim=(-0.02, 1.02),
            title="Performance profile")

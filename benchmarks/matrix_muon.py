@@ -122,11 +122,18 @@ class MatrixMuon(keras.optimizers.Muon):
     def _should_use_adamw(self, variable):
         return self._route(variable).branch != RULE
 
+    def routing_table(self):
+        """`(path, branch, shape, view, reason)` per variable."""
+        return [(v.path, r.branch, tuple(int(d) for d in v.shape), tuple(r.shape),
+                 getattr(r, "reason", ""))
+                for v, r in zip(self._trainable_variables, self.routes)]
+
     def routing_summary(self):
-        """One line per variable: path, branch, view, reason."""
+        """One line per variable: path, branch, shape (and view), reason."""
         return "\n".join(
-            f"{v.path}: {r.branch} {tuple(r.shape)} ({r.reason})"
-            for v, r in zip(self._trainable_variables, self.routes)
+            f"{path}: {branch} {shape}" + (f" as {view}" if view != shape else "")
+            + f" ({reason})"
+            for path, branch, shape, view, reason in self.routing_table()
         )
 
     def _muon_update_step(self, gradient, variable, lr, m):

@@ -54,3 +54,17 @@ def test_split_tasks_balances():
                                           {"a": 10, "b": 6, "c": 5, "d": 1}, 2)
     assert sorted(map(sorted, groups)) == [["a", "d"], ["b", "c"]]
     assert loads == [11, 11]
+
+
+def test_closed_form_matches_the_keras_schedule_at_every_step():
+    peak, steps = 3e-3, 300
+    schedule = evaluate.warmup_cosine(peak, steps)
+    every = np.array([float(keras_ops_numpy(schedule(s))) for s in range(steps)])
+    np.testing.assert_allclose(evaluate._warmup_cosine_numpy(peak, steps), every,
+                               rtol=1e-5, atol=1e-10)
+
+
+def keras_ops_numpy(x):
+    import keras
+
+    return keras.ops.convert_to_numpy(x)
