@@ -186,7 +186,13 @@ def half_decades(low_exp, high_exp):
 
 
 def next_rate(rate, direction):
-    """The half-decade neighbour of `rate` (direction -1 or +1), 3 digits."""
+    """The half-decade neighbour of `rate` (direction -1 or +1), 3 digits.
+
+    On the lattice 10^(k/2) (1e-3, 3.16e-3, ...) the neighbour is the next
+    lattice point; elsewhere `rate` times 10^(+-1/2)."""
+    k = 2 * math.log10(rate)
+    if abs(k - round(k)) < 1e-2:
+        return float(f"{10 ** ((round(k) + direction) / 2):.3g}")
     return float(f"{rate * HALF_DECADE ** direction:.3g}")
 
 

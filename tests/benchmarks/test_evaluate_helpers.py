@@ -12,6 +12,8 @@ def test_half_decade_grids():
     assert evaluate.half_decades(-3, -2) == (0.001, 0.00316, 0.01)
     assert evaluate.next_rate(0.01, 1) == 0.0316
     assert evaluate.next_rate(0.001, -1) == 0.000316
+    assert evaluate.next_rate(0.0316, 1) == 0.1  # on the lattice, no drift
+    assert evaluate.next_rate(0.002, 1) == 0.00632
 
 
 def test_schedule_is_warmup_then_cosine_to_zero():
