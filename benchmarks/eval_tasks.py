@@ -151,10 +151,13 @@ def shift_and_noise(max_shift=1, noise=0.15):
 
 
 def tabular_noisy(batch_size=128):
-    """MLP on sklearn `make_classification` with 20% of labels randomised."""
+    """MLP on sklearn `make_classification` with 20% of labels randomised.
+
+    60k training samples: with 20k, AdamW at 1e-2 fitted the noisy labels
+    (training loss 0.44 against 0.92 on validation after 1500 steps)."""
     from sklearn.datasets import make_classification
 
-    x, y = make_classification(n_samples=22000, n_features=32, n_informative=16,
+    x, y = make_classification(n_samples=62000, n_features=32, n_informative=16,
                                n_redundant=8, n_classes=5, n_clusters_per_class=2,
                                flip_y=0.2, class_sep=1.0, random_state=0)
     train, val, test = split3(x.astype("float32"), y.astype("int32"), 1000, 1000)
@@ -172,19 +175,19 @@ def tabular_noisy(batch_size=128):
 
     return EvalTask(
         name="tabular_noisy",
-        description="MLP 32-256-256-256-5 on make_classification (20k samples, flip_y=0.2)",
+        description="MLP 32-256-256-256-5 on make_classification (60k samples, flip_y=0.2)",
         build_model=build_model,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         batches=array_batches(*train, batch_size),
         validation=val, test=test, log_y=False,
-        why_not_zero="20% random labels on 20k samples; a run sees each sample a few times",
+        why_not_zero="20% random labels on 60k samples; a run sees each about 3 times",
     )
 
 
 def teacher_regression(batch_size=128, noise=0.5):
-    """MLP regression on a random tanh-MLP teacher plus Gaussian noise."""
+    """MLP regression on a random tanh-MLP teacher plus Gaussian noise (60k samples)."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((22000, 16)).astype("float32")
+    x = rng.standard_normal((62000, 16)).astype("float32")
     w1 = rng.standard_normal((16, 64)) / 4.0
     w2 = rng.standard_normal((64, 1)) / 8.0
     clean = np.tanh(x @ w1) @ w2

@@ -3,8 +3,9 @@
 Run from the repository root as a module of the `benchmarks` package, on any
 Keras backend:
 
-    KERAS_BACKEND=jax .venv/bin/python -m benchmarks.evaluate            # full run (~35 min, 2 cores)
-    KERAS_BACKEND=jax .venv/bin/python -m benchmarks.evaluate --quick    # smoke test (~3 min)
+    KERAS_BACKEND=jax .venv/bin/python -m benchmarks.evaluate            # full run (~31 min on 2 cores)
+    KERAS_BACKEND=jax .venv/bin/python -m benchmarks.evaluate --quick    # smoke test (~4 min on 2 cores)
+    KERAS_BACKEND=jax .venv/bin/python -m benchmarks.evaluate --estimate # the time estimate only
     KERAS_BACKEND=torch .venv/bin/python -m benchmarks.evaluate --quick --tasks autoencoder_digits
     .venv/bin/python -m benchmarks.evaluate --tasks cnn_digits_aug --optimizers celo2 adamw
 
@@ -30,11 +31,14 @@ Protocol (every optimizer alike):
 
 * schedule: linear warm-up from 0 over the first 5% of the steps to the
   peak rate, then cosine decay to 0 (`warmup_cosine`; Keras `CosineDecay`
-  with `warmup_target`). Its value for each step is assigned to the
+  with `warmup_target`). Its value for each step (`schedule_values`: a
+  closed form checked against the Keras schedule) is assigned to the
   optimizer's learning-rate variable before the step, which is what passing
   the schedule does, but keeps the compiled step independent of the peak so
   the JAX compilation cache serves the whole grid. Celo (v1) runs its own
-  learned schedule (it gets `total_steps` and each batch's loss).
+  learned schedule (it gets `total_steps` and each batch's loss). `celo2`
+  and `celo2_tuned` share runs: the default 1e-3 is a point of the tuned
+  grid, and the same rate and seed give the same run.
 * peak-rate grids in half-decades (1e-3, 3.16e-3, ...); a run is seeded
   (`keras.utils.set_random_seed`), and every optimizer sees the same
   initialisation and the same batches (and augmentation) for a seed.
@@ -83,8 +87,11 @@ bit for bit whatever the machine load or worker assignment (on the same
 CPU model and library versions).
 
 Outputs, under `--out` (default `benchmarks/results/evaluate`): `evaluate.md`
-(the tables, also printed), `evaluate.json` (configuration, every run's
-curves and timings, the summary), `evaluate.png` (per-task validation
+(the tables, also printed), `evaluate.json` (configuration; for each task
+the tuning grid with every rate's validation curve, and the selected runs'
+per-step training losses, validation curves, test loss, timings and
+Muon's routing; the summary and performance profile; floats to 9
+significant digits), `evaluate.png` (per-task validation
 curves), `evaluate_train.png` (smoothed training curves),
 `evaluate_profile.png` (performance profile) and, when Celo ran,
 `evaluate_lr_mult.png`. With the JAX backend, compiled steps are cached in
@@ -959,11 +966,12 @@ def plot_lr_mult(results, path):
 
 
 def jsonable(obj):
-    """Non-finite floats -> None, numpy scalars -> Python, so the file is strict JSON."""
+    """Non-finite floats -> None, numpy scalars -> Python, so the file is strict
+    JSON; floats to 9 significant digits (exact for float32 losses)."""
     if isinstance(obj, (np.floating, np.integer)):
         obj = obj.item()
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        return float(f"{obj:.9g}") if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -1126,12 +1134,16 @@ def main(argv=None):
     print(report)
     with open(os.path.join(config.out, "evaluate.md"), "w") as f:
         f.write(report)
-    with open(os.path.join(config.out, "evaluate.json"), "w") as f:
-        json.dump(jsonable(results), f)
     plot_curves(results, os.path.join(config.out, "evaluate.png"), "val")
     plot_curves(results, os.path.join(config.out, "evaluate_train.png"), "train")
     plot_profile(results, os.path.join(config.out, "evaluate_profile.png"))
     plot_lr_mult(results, os.path.join(config.out, "evaluate_lr_mult.png"))
+    for task_result in results["tasks"].values():  # recomputable: stats.smooth(train_losses, W)
+        for runs in task_result["runs"].values():
+            for run in runs:
+                run.pop("smoothed_train", None)
+    with open(os.path.join(config.out, "evaluate.json"), "w") as f:
+        json.dump(jsonable(results), f)
 
 
 if __name__ == "__main__":
