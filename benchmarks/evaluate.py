@@ -78,8 +78,11 @@ the same seed):
 Reproducibility: on XLA CPU the numerics depend on how many CPUs the
 process may use (its thread pool and work partitioning follow the affinity
 mask), so runs of the same seed under `taskset -c 1` and `taskset -c 0,1`
-differ from the first step on (~5e-7 relative), and drift apart in
-training. Each process of this harness pins itself to exactly ONE CPU
+differ in the last bits from the first step on (Transformer LM, AdamW:
+|diff| up to 5e-7 on losses ~3-6 over 150 steps; such differences can grow
+in longer or less stable runs, and they break bit-for-bit comparisons).
+Within one process, and between processes with the same number of CPUs,
+runs were identical. Each process of this harness pins itself to exactly ONE CPU
 before the backend loads (`--workers N` runs N such processes, tasks split
 between them), and torch / TensorFlow are limited to one thread
 (TensorFlow also gets `enable_op_determinism`): reruns are then identical
