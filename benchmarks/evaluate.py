@@ -211,6 +211,11 @@ CELO2_GRID = half_decades(-3.5, -2.5)  # 3.16e-4, 1e-3, 3.16e-3
 QUICK_GRID = (1e-3, 1e-2)
 
 
+def warmup_steps(total_steps, warmup_fraction=WARMUP_FRACTION):
+    """floor(warmup_fraction x total_steps), as `keras_lopt.optimizers.warmup_cosine`."""
+    return int(math.floor(warmup_fraction * total_steps + 1e-9))
+
+
 def warmup_cosine(peak, total_steps, warmup_fraction=WARMUP_FRACTION):
     """The harness's one schedule: linear warm-up from 0 to `peak` over the
     first `warmup_fraction` of `total_steps`, then cosine decay to 0.
@@ -221,7 +226,7 @@ def warmup_cosine(peak, total_steps, warmup_fraction=WARMUP_FRACTION):
     library = getattr(keras_lopt.optimizers, "warmup_cosine", None)
     if library is not None:
         return library(peak, total_steps, warmup_fraction=warmup_fraction)
-    warmup = int(round(warmup_fraction * total_steps))
+    warmup = warmup_steps(total_steps, warmup_fraction)
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0, decay_steps=max(1, total_steps - warmup), alpha=0.0,
         warmup_target=peak, warmup_steps=warmup,
@@ -233,7 +238,7 @@ _SCHEDULE_CACHE = {}
 
 def _warmup_cosine_numpy(peak, total_steps, warmup_fraction=WARMUP_FRACTION):
     """`warmup_cosine`'s value at every step, in closed form (numpy, float64)."""
-    warmup = int(round(warmup_fraction * total_steps))
+    warmup = warmup_steps(total_steps, warmup_fraction)
     decay = max(1, total_steps - warmup)
     t = np.arange(total_steps, dtype="float64")
     warm = peak * t / warmup if warmup else np.zeros_like(t)
@@ -244,20 +249,31 @@ def _warmup_cosine_numpy(peak, total_steps, warmup_fraction=WARMUP_FRACTION):
 def schedule_values(peak, total_steps, kind="warmup_cosine"):
     """The learning rate of each step 0 .. total_steps-1 (float64 array).
 
-    For "warmup_cosine", the closed form of `_warmup_cosine_numpy`, checked
-    against the schedule object `warmup_cosine` returns at the steps around
-    the warm-up's end, mid-way and at the end (evaluating the object at
-    every step costs milliseconds each in eager mode); if they disagree,
-    every step is evaluated with the object.
+    For "warmup_cosine", the schedule object `warmup_cosine` returns,
+    evaluated on all steps at once when it takes a vector of steps
+    (`keras_lopt`'s does); otherwise (Keras `CosineDecay` branches with
+    `ops.cond`) the closed form of `_warmup_cosine_numpy`, checked against
+    the object at the steps around the warm-up's end, mid-way and at the
+    end (the object costs milliseconds per step in eager mode); if they
+    disagree, every step is evaluated with the object.
     """
     key = (peak, total_steps, kind)
     if key not in _SCHEDULE_CACHE:
         if kind == "constant":
             values = np.full(total_steps, float(peak))
         else:
-            values = _warmup_cosine_numpy(peak, total_steps)
             schedule = warmup_cosine(peak, total_steps)
-            warmup = int(round(WARMUP_FRACTION * total_steps))
+            try:
+                values = np.asarray(keras.ops.convert_to_numpy(
+                    schedule(np.arange(total_steps, dtype="float32"))), dtype="float64")
+                if values.shape != (total_steps,):
+                    raise ValueError(values.shape)
+                _SCHEDULE_CACHE[key] = values
+                return values
+            except Exception:  # noqa: BLE001 - not vectorised: closed form + probes
+                pass
+            values = _warmup_cosine_numpy(peak, total_steps)
+            warmup = warmup_steps(total_steps)
             probe = sorted({0, 1, max(0, warmup - 1), warmup, min(total_steps - 1, warmup + 1),
                             total_steps // 2, total_steps - 1})
 
