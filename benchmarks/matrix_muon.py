@@ -13,8 +13,8 @@ decides per variable in `build` with `_muon_routes(var_list, model)`:
 * otherwise `local_plan`, the same rule written here: AdamW for rank <= 1,
   embeddings (`"embedding"` in the path) and the model's input and output
   layers (the layers owning the first and the last variable of rank >= 2
-  among the model's trainable variables; only known when `model` is
-  given); the orthogonalised step for every other tensor of rank >= 2,
+  among the model's trainable variables, or among `var_list` when no
+  model is given); the orthogonalised step for every other tensor of rank >= 2,
   viewed as a matrix: query/key/value kernels of attention `(d, heads,
   head_dim)` as `(d, heads * head_dim)`, every other kernel (conv
   `(k..., cin, cout)`, attention output `(heads, head_dim, d)`) as
@@ -52,6 +52,11 @@ def _layer_path(variable):
     return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
+def _io_key(variable):
+    """The layer of a variable (its path prefix; a bare name is its own layer)."""
+    return _layer_path(variable) or ("variable", id(variable))
+
+
 def _matrix_view(variable):
     shape = tuple(int(d) for d in variable.shape)
     if len(shape) <= 2:
@@ -64,11 +69,12 @@ def _matrix_view(variable):
 
 def local_plan(variables, model=None):
     """The harness's own copy of Celo2's default routing (see the module docstring)."""
-    io_layers = set()
-    if model is not None:
-        weighted = [v for v in model.trainable_variables if len(v.shape) >= 2]
-        if weighted:
-            io_layers = {_layer_path(weighted[0]), _layer_path(weighted[-1])}
+    variables = list(variables)
+    # The model's variables decide its input and output layers; without a
+    # model, the list's own order does (as `keras_lopt.rules.routing.plan`).
+    ordered = model.trainable_variables if model is not None else variables
+    weighted = [v for v in ordered if len(v.shape) >= 2]
+    io_layers = {_io_key(weighted[0]), _io_key(weighted[-1])} if weighted else set()
     routes = []
     for variable in variables:
         shape = tuple(int(d) for d in variable.shape)
@@ -77,7 +83,7 @@ def local_plan(variables, model=None):
             routes.append(LocalRoute(ADAM, shape, "rank <= 1"))
         elif "embedding" in path.lower():
             routes.append(LocalRoute(ADAM, shape, "embedding"))
-        elif _layer_path(variable) in io_layers:
+        elif _io_key(variable) in io_layers:
             routes.append(LocalRoute(ADAM, shape, "input or output layer"))
         else:
             view = _matrix_view(variable)

@@ -9,19 +9,40 @@ from benchmarks.matrix_muon import MatrixMuon
 from benchmarks.matrix_muon import local_plan
 
 
-def _steps(optimizer, variable, gradients):
+def _steps(optimizer, variable, gradients, others=()):
+    """`variable` after applying `gradients`; `others` are trained alongside
+    it with zero gradients."""
     for g in gradients:
-        optimizer.apply_gradients([(keras.ops.convert_to_tensor(g), variable)])
+        pairs = [(keras.ops.convert_to_tensor(g), variable)]
+        pairs += [(keras.ops.zeros(v.shape), v) for v in others]
+        optimizer.apply_gradients(pairs)
     return keras.ops.convert_to_numpy(variable)
 
 
+def _cnn():
+    return keras.Sequential([
+        keras.Input((6, 6, 4)),
+        keras.layers.Conv2D(4, 3, padding="same", name="conv_in"),
+        keras.layers.Conv2D(8, 3, padding="same", name="conv_mid"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(5, name="head"),
+    ])
+
+
 def test_conv_kernel_step_equals_muon_on_the_explicit_matrix():
+    # The hidden conv kernel (3, 3, 4, 8) of a model takes Muon's step on
+    # its (36, 8) matrix (with the library's `plan` or the local fallback).
+    model = _cnn()
+    conv = model.get_layer("conv_mid").kernel
+    others = [v for v in model.trainable_variables if v is not conv]
+    kernel = keras.ops.convert_to_numpy(conv)
     rng = np.random.default_rng(0)
-    kernel = rng.normal(size=(3, 3, 4, 8)).astype("float32")
     grads = [rng.normal(size=kernel.shape).astype("float32") for _ in range(3)]
-    conv = keras.Variable(kernel, name="kernel")
+    optimizer = MatrixMuon(learning_rate=0.01, model=model)
+    got = _steps(optimizer, conv, grads, others)
+    route = optimizer.routes[0]
+    assert route.branch == RULE and tuple(route.shape) == (36, 8)
     matrix = keras.Variable(kernel.reshape(36, 8), name="kernel")
-    got = _steps(MatrixMuon(learning_rate=0.01), conv, grads)
     want = _steps(keras.optimizers.Muon(learning_rate=0.01), matrix,
                   [g.reshape(36, 8) for g in grads])
     np.testing.assert_allclose(got.reshape(36, 8), want, rtol=1e-5, atol=1e-6)
