@@ -304,7 +304,9 @@ class EvalConfig:
         schedule: "warmup_cosine" (default) or "constant" (for experiments).
         celo2_weights, celo2_base_weights, celo_weights: meta-weights files;
             None means the shipped defaults.
-        learned_weight_decay: weight decay of Celo2 / Celo2Base; None: none.
+        weight_decay: the decoupled weight-decay coefficient of every
+            optimizer (each scales it by its own step, as it documents);
+            default Keras's AdamW / Muon default, 0.004.
         quick: the smoke-test budget.
         out: folder the reports are written to.
     """
@@ -319,7 +321,7 @@ class EvalConfig:
     celo2_weights: str | None = None
     celo2_base_weights: str | None = None
     celo_weights: str | None = None
-    learned_weight_decay: float | None = None
+    weight_decay: float = 0.004
     quick: bool = False
     out: str = DEFAULT_OUT
 
@@ -335,7 +337,7 @@ class EvalConfig:
             lrs=tuple(args.lrs) if args.lrs else None, seeds=args.seeds,
             max_extend=args.max_extend, schedule=args.schedule,
             celo2_weights=args.celo2_weights, celo2_base_weights=args.celo2_base_weights,
-            celo_weights=args.celo_weights, learned_weight_decay=args.learned_weight_decay,
+            celo_weights=args.celo_weights, weight_decay=args.weight_decay,
             quick=args.quick, out=args.out,
         )
 
@@ -387,16 +389,17 @@ def _learned(class_name, weights):
 
     def make(lr, config, model):
         return getattr(keras_lopt.optimizers, class_name)(
-            lr, weights=weights(config), weight_decay=config.learned_weight_decay,
+            lr, weights=weights(config), weight_decay=config.weight_decay or None,
         )
 
     return make
 
 
-register_optimizer("adamw", "AdamW", lambda lr, config, model: keras.optimizers.AdamW(lr),
-                   tuned=True)
-register_optimizer("muon", "Muon", lambda lr, config, model: MatrixMuon(lr, model=model),
-                   tuned=True)
+register_optimizer("adamw", "AdamW", lambda lr, config, model: keras.optimizers.AdamW(
+    lr, weight_decay=config.weight_decay), tuned=True)
+register_optimizer("muon", "Muon", lambda lr, config, model: MatrixMuon(
+    lr, model=model, weight_decay=config.weight_decay, adam_weight_decay=config.weight_decay),
+    tuned=True)
 for _name, _class_name, _weights, _default in (
     ("celo2", "Celo2", lambda config: config.celo2_weights, True),
     ("celo2_base", "Celo2Base", lambda config: config.celo2_base_weights, False),
@@ -408,7 +411,9 @@ for _name, _class_name, _weights, _default in (
                        default=_default, family=_name)
 register_optimizer(
     "muon_keras", "Muon (Keras routing)",
-    lambda lr, config, model: keras.optimizers.Muon(learning_rate=lr, exclude_layers=[HEAD]),
+    lambda lr, config, model: keras.optimizers.Muon(
+        learning_rate=lr, exclude_layers=[HEAD], weight_decay=config.weight_decay,
+        adam_weight_decay=config.weight_decay),
     tuned=True, default=False,
 )
 REFERENCE_DIR = os.environ.get(
@@ -432,7 +437,8 @@ if os.path.exists(RELEASED_CELO):
 if os.path.exists(RELEASED_CELO2):
     register_optimizer(
         "celo2_released", "Celo2 (released)",
-        lambda lr, config, model: keras_lopt.optimizers.Celo2(lr, weights=RELEASED_CELO2),
+        lambda lr, config, model: keras_lopt.optimizers.Celo2(
+            lr, weights=RELEASED_CELO2, weight_decay=config.weight_decay or None),
         default_lr=1e-3, default=False,
     )
 
@@ -1035,8 +1041,9 @@ def parse_args(argv):
     parser.add_argument("--celo2-base-weights",
                         help="meta-weights file for Celo2Base (default: shipped)")
     parser.add_argument("--celo-weights", help="meta-weights file for Celo (default: shipped)")
-    parser.add_argument("--learned-weight-decay", type=float,
-                        help="weight decay of Celo2 / Celo2Base (default: none)")
+    parser.add_argument("--weight-decay", type=float, default=0.004,
+                        help="decoupled weight decay of every optimizer (default 0.004, "
+                             "Keras's AdamW / Muon default)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: {QUICK_TASK_STEPS} steps, grid {QUICK_GRID}, 2 seeds")
     parser.add_argument("--workers", type=int, default=None,
@@ -1136,7 +1143,7 @@ def main(argv=None):
             "celo2_weights": config.celo2_weights or "shipped",
             "celo2_base_weights": config.celo2_base_weights or "shipped",
             "celo_weights": config.celo_weights or "shipped",
-            "learned_weight_decay": config.learned_weight_decay, "workers": workers,
+            "weight_decay": config.weight_decay, "workers": workers,
             "python": platform.python_version(), "keras": keras.__version__, "git": _git(),
             "command": "python -m benchmarks.evaluate " + shlex.join(argv),
         },
