@@ -221,7 +221,9 @@ def test_raw_tensorflow_variables():
     from keras_lopt.rules import adam
     from keras_lopt.rules import routing
 
-    opt = Celo2()
+    # Per tensor (the deployment policy would call the lone kernel both
+    # input and output layer; see below), with the Adam the weights know.
+    opt = Celo2(routing="reference", adam_bias_correction=False)
     grads = [tf.ones((4, 3)), tf.ones(3), tf.ones((10, 4))]
     starts = [v.numpy() for v in (kernel, bias, emb)]
     opt.apply(grads, [kernel, bias, emb])
@@ -233,3 +235,9 @@ def test_raw_tensorflow_variables():
     for var, g, p, route in zip((bias, emb), grads[1:], starts[1:], opt._routes[1:]):
         want, _ = adam.update(zeros(route), g, p, 20 * 1e-3, 1)
         np.testing.assert_allclose(var.numpy(), np.asarray(want), rtol=0, atol=1e-7)
+    # Deployment, no model: names without a layer part are layers of their
+    # own, and the first and last matrices stand for the input and output layers.
+    raw = [tf.Variable(np.ones((4, 4), "float32"), name=f"kernel_{i}") for i in range(3)]
+    deployed = Celo2()
+    deployed.build(raw)
+    assert [r.reason for r in deployed._routes] == ["input layer", "matrix", "output layer"]
