@@ -25,7 +25,7 @@ from keras_lopt.rules.theta import load_theta
 
 # What the reference numbers record: the authors' per-tensor routing and the
 # Adam variant the meta-weights were trained with.
-REFERENCE = {"routing": "reference", "adam_bias_correction": False}
+REFERENCE_ROUTING = {"routing": "reference", "adam_bias_correction": False}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.environ.get(
@@ -121,7 +121,7 @@ def main():
         "full_base/params",
     )
     full = trajectory_error(
-        Celo2(weights=theta_path, learning_rate=1e-3, weight_decay=0.01, **REFERENCE), cases, "full/params"
+        Celo2(weights=theta_path, learning_rate=1e-3, weight_decay=0.01, **REFERENCE_ROUTING), cases, "full/params"
     )
     print("Celo2 / Celo2-base (max abs errors):")
     print("| backend | rule step (orth / base) | Celo2Base params | Celo2Base wd | Celo2 wd |")

@@ -112,8 +112,12 @@ GPT2_BLOCK = [
 # needing any weights file. Every Celo step is handed a constant loss.
 CELO_THETA = keras_lopt.rules.theta.init_theta("celo", 0)
 
+# Celo2 on bare variables (no model) with routing "reference": every matrix
+# takes the learned rule, as when these tables were first measured. Under the
+# default deployment routing the first and last matrices of a list without a
+# model would stand for io layers and take Adam, a different mix.
 OPTIMIZERS = {
-    "Celo2": lambda: keras_lopt.optimizers.Celo2(),
+    "Celo2": lambda: keras_lopt.optimizers.Celo2(routing="reference"),
     "Celo2Base": lambda: keras_lopt.optimizers.Celo2Base(),
     "Celo": lambda: keras_lopt.optimizers.Celo(weights=CELO_THETA, total_steps=10_000),
     "AdamW": lambda: keras.optimizers.AdamW(),
