@@ -114,14 +114,36 @@ def _last_wall_time(path):
     return float(rows[-1]["wall_s"]) if rows else 0.0
 
 
+def run_provenance(config, out_dir, iteration, wall_s):
+    """What a meta-training run's `theta.npz` records about where it comes from.
+
+    Enough to find and rerun the run: its directory, the configuration it
+    ran with, the command line of the process that wrote it, the iteration
+    and the cumulative wall time; shipping the file (as a new version) adds
+    `version` and notes (see `keras_lopt/rules/weights/README.md`).
+    """
+    import shlex
+    import sys
+
+    return {
+        "rule": config.rule,
+        "run": os.path.relpath(os.path.abspath(out_dir)),
+        "config": dataclasses.asdict(config),
+        "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "iteration": int(iteration),
+        "wall_s": round(float(wall_s), 1),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
                resume=True, verbose=1, max_minutes=None):
     """Runs (or resumes) meta-training until `iterations` outer iterations.
 
     Writes to `out_dir`: `checkpoint.npz` (every `checkpoint_every`
     iterations and at the end), `metrics.csv` (one row per iteration),
-    `theta.npz` (the latest meta-weights, keras-lopt format) and
-    `meta_loss.png`.
+    `theta.npz` (the latest meta-weights, keras-lopt format, with
+    `run_provenance` inside) and `meta_loss.png`.
 
     Args:
         config: a `MetaTrainConfig`; ignored when resuming (the checkpoint's
@@ -194,7 +216,9 @@ def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
             if (it + 1) % checkpoint_every == 0 or it + 1 == iterations or out_of_time:
                 csv_file.flush()
                 save_checkpoint(ckpt, trainer, state)
-                save_theta(os.path.join(out_dir, THETA), trainer.theta_numpy(state), rule)
+                save_theta(os.path.join(out_dir, THETA), trainer.theta_numpy(state), rule,
+                           provenance=run_provenance(trainer.config, out_dir, it + 1,
+                                                     time.time() - t_start))
             if out_of_time:
                 break
     finally:

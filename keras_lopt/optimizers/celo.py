@@ -72,8 +72,9 @@ class Celo(LearnedOptimizer):
         learning_rate: a multiplier on the learned step (float or schedule).
             Celo has no learning rate of its own; the default `1.0` is the
             rule exactly as meta-trained.
-        weights: meta-weights: `None` for keras-lopt's shipped weights, a
-            path to a `.npz` (keras-lopt format) or `.state` (the authors'
+        weights: meta-weights: `None` for keras-lopt's default shipped
+            version, a shipped version's name (`"celo-v1"`, `"celo-v2"`;
+            `keras_lopt.rules.theta.SHIPPED`), a path to a `.npz` (keras-lopt format) or `.state` (the authors'
             format, e.g. their released `theta.state`), or a dict of arrays
             keyed by checkpoint path (`keras_lopt.rules.celo.THETA_SHAPES`).
         total_steps: the number of updates `T` of the run; `None` to have

@@ -48,9 +48,11 @@ class Celo2Base(LearnedOptimizer):
             `total_steps`, a float is the peak of a warm-up + cosine
             schedule. Defaults to `1e-3` (the rule was meta-trained at a
             constant `1e-3`).
-        weights: meta-weights: `None` for keras-lopt's shipped weights, a path
-            to a `.npz` (keras-lopt format) or `.state` (the authors' flax
-            format) file, or a dict of arrays.
+        weights: meta-weights: `None` for keras-lopt's default shipped
+            version, a shipped version's name (`"celo2-v1"`, `"celo2-v2"`;
+            `keras_lopt.rules.theta.SHIPPED`, each file records its
+            provenance), a path to a `.npz` (keras-lopt format) or `.state`
+            (the authors' flax format) file, or a dict of arrays.
         weight_decay: decoupled weight decay, scaled by the learning rate.
         total_steps: the number of updates of the run. With a float
             `learning_rate`, the rate follows
@@ -126,8 +128,9 @@ class Celo2(LearnedOptimizer):
             `total_steps`, a float is the peak of a warm-up + cosine
             schedule. Defaults to `1e-3`, the rate the rule was meta-trained
             with.
-        weights: meta-weights: `None` for keras-lopt's shipped weights, a path
-            (`.npz` or the authors' `.state`), or a dict of arrays.
+        weights: meta-weights: `None` for keras-lopt's default shipped
+            version, a shipped version's name (`"celo2_base-v1"`, ...), a
+            path (`.npz` or the authors' `.state`), or a dict of arrays.
         weight_decay: decoupled weight decay (both branches).
         total_steps: the number of updates of the run. With a float
             `learning_rate`, the rate follows

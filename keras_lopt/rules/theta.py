@@ -16,14 +16,22 @@ Two on-disk formats are understood:
   float32 array per meta-weight under its flat name (`w0__0` ... `w0__13`,
   `w1`, `w2`, `b0`, `b1`, `b2` for Celo2), plus a string entry
   `__format__ = "keras_lopt.theta.v1"` and a string entry `__rule__` naming
-  the rule (`"celo2"`, `"celo2_base"` or `"celo"`). Write it with
-  `save_theta`; `load` refuses a file tagged for another rule.
+  the rule (`"celo2"`, `"celo2_base"` or `"celo"`), and optionally a
+  string entry `__provenance__`: a JSON object saying where the weights come
+  from (version, meta-training run, command, iterations, wall time, ...).
+  Write it with `save_theta`; `load` refuses a file tagged for another rule.
+
+Shipped weights are versioned (`SHIPPED`): every version keras-lopt has
+shipped stays loadable by name, e.g. `Celo2(weights="celo2-v1")`, and
+`DEFAULT_VERSION` names the one `weights=None` means. `provenance(...)`
+reads a file's record; `shipped_versions()` lists them all.
 
 Both load into a flat `dict[str, np.ndarray]` that is then validated against
 the rule's expected shapes by `validate_theta`.
 """
 
 import io
+import json
 import os
 
 import numpy as np
@@ -34,6 +42,15 @@ from keras_lopt.rules import celo2
 FORMAT_TAG = "keras_lopt.theta.v1"
 RULES = ("celo2", "celo2_base", "celo")
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+# Versions are named "<rule>-v<N>" and never change once shipped, so that a
+# result quoted with a version can be rerun after the defaults move on.
+SHIPPED = {
+    "celo2": ("celo2-v1", "celo2-v2"),
+    "celo2_base": ("celo2_base-v1", "celo2_base-v2"),
+    "celo": ("celo-v1", "celo-v2"),
+}
+DEFAULT_VERSION = {"celo2": "celo2-v2", "celo2_base": "celo2_base-v2", "celo": "celo-v2"}
+_META_ENTRIES = ("__format__", "__rule__", "__provenance__")
 # The authors' Celo2 checkpoints nest the MLP under this module; Celo's keep
 # the whole tree (MLP bank and scheduler), keyed by path.
 _AUTHORS_MODULE = {"celo2": "ff_mod_stack/~", "celo2_base": "ff_mod_stack/~", "celo": None}
@@ -97,13 +114,59 @@ def _check_rule(rule):
         raise ValueError(f"Unknown rule {rule!r}; choose from {RULES}.")
 
 
-def rule_tag(path):
-    """The `__rule__` entry of a keras-lopt `.npz`, or `None` (other formats)."""
+def _npz_entry(path, key):
     with open(path, "rb") as f:
         if not f.read(4).startswith(b"PK"):
             return None
     with np.load(path, allow_pickle=False) as archive:
-        return str(archive["__rule__"]) if "__rule__" in archive.files else None
+        return str(archive[key]) if key in archive.files else None
+
+
+def rule_tag(path):
+    """The `__rule__` entry of a keras-lopt `.npz`, or `None` (other formats)."""
+    return _npz_entry(path, "__rule__")
+
+
+def shipped_versions(rule=None):
+    """The names of the shipped weight versions (of `rule`, or of all rules)."""
+    if rule is not None:
+        _check_rule(rule)
+        return list(SHIPPED[rule])
+    return [v for r in RULES for v in SHIPPED[r]]
+
+
+def shipped_path(version):
+    """The file of a shipped version, e.g. `shipped_path("celo2-v2")`."""
+    if version not in shipped_versions():
+        raise ValueError(
+            f"{version!r} is not a shipped weight version; shipped: "
+            f"{shipped_versions()}."
+        )
+    return os.path.join(WEIGHTS_DIR, f"{version}.npz")
+
+
+def provenance(source):
+    """Where meta-weights come from: the `__provenance__` record as a dict.
+
+    Args:
+        source: a shipped version name (`"celo2-v2"`), a rule name (its
+            default version), or a path to a keras-lopt `.npz`.
+
+    Returns:
+        The record (version, rule, meta-training run and command,
+        iterations, wall time, ...), or `None` when the file has none.
+
+    Example:
+
+    >>> provenance("celo2")["version"]
+    'celo2-v2'
+    """
+    if source in RULES:
+        source = DEFAULT_VERSION[source]
+    if isinstance(source, str) and source in shipped_versions():
+        source = shipped_path(source)
+    raw = _npz_entry(os.fspath(source), "__provenance__")
+    return None if raw is None else json.loads(raw)
 
 
 def load_theta(source, module="ff_mod_stack/~"):
@@ -129,7 +192,8 @@ def load_theta(source, module="ff_mod_stack/~"):
             with np.load(path, allow_pickle=False) as archive:
                 theta = {k: archive[k] for k in archive.files}
             fmt = theta.pop("__format__", None)
-            theta.pop("__rule__", None)
+            for key in _META_ENTRIES:
+                theta.pop(key, None)
             if fmt is not None and str(fmt) != FORMAT_TAG:
                 raise ValueError(
                     f"{path!r} has format {str(fmt)!r}; this version of "
@@ -178,11 +242,17 @@ def validate_theta(theta, expected_shapes, what="weights"):
     return theta
 
 
-def save_theta(path, theta, rule):
-    """Writes meta-weights in keras-lopt's `.npz` format (see module doc)."""
-    arrays = {k: np.asarray(v, dtype="float32") for k, v in theta.items()}
+def save_theta(path, theta, rule, provenance=None):
+    """Writes meta-weights in keras-lopt's `.npz` format (see module doc).
+
+    `provenance`, a JSON-serialisable dict, is stored beside the weights.
+    """
+    arrays = {k: np.asarray(v, dtype="float32") for k, v in theta.items()
+              if k not in _META_ENTRIES}
     arrays["__format__"] = np.array(FORMAT_TAG)
     arrays["__rule__"] = np.array(rule)
+    if provenance is not None:
+        arrays["__provenance__"] = np.array(json.dumps(provenance, sort_keys=True))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     with open(path, "wb") as f:
@@ -205,9 +275,11 @@ def load(rule, weights=None, what=None):
 
     Args:
         rule: `"celo2"`, `"celo2_base"` or `"celo"`.
-        weights: `None` for keras-lopt's shipped weights, a path to a `.npz`
-            (keras-lopt's format, checked against its `__rule__` tag) or a
-            `.state` file (the authors' format), or a dict of arrays.
+        weights: `None` for the default shipped version
+            (`DEFAULT_VERSION[rule]`), a shipped version's name
+            (`"celo2-v1"`; `SHIPPED`), a path to a `.npz` (keras-lopt's
+            format, checked against its `__rule__` tag) or a `.state` file
+            (the authors' format), or a dict of arrays.
         what: the name used in error messages.
 
     Returns:
@@ -216,13 +288,11 @@ def load(rule, weights=None, what=None):
     _check_rule(rule)
     what = what or f"{rule} weights"
     if weights is None:
-        path = os.path.join(WEIGHTS_DIR, f"{rule}.npz")
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"keras-lopt's shipped weights {path!r} are missing from this "
-                "installation; pass `weights=` explicitly."
-            )
-        weights = path
+        weights = DEFAULT_VERSION[rule]
+    if isinstance(weights, str) and not os.path.exists(weights) and (
+        weights in shipped_versions() or _looks_like_version(weights)
+    ):
+        weights = _shipped_file(rule, weights)
     if isinstance(weights, (str, os.PathLike)) and os.path.exists(weights):
         tag = rule_tag(os.fspath(weights))
         if tag is not None and tag != rule:
@@ -233,6 +303,26 @@ def load(rule, weights=None, what=None):
             )
     theta = load_theta(weights, module=_AUTHORS_MODULE[rule])
     return validate_theta(theta, theta_shapes(rule, theta), what=what)
+
+
+def _looks_like_version(name):
+    return "-v" in name and not name.endswith((".npz", ".state")) and os.sep not in name
+
+
+def _shipped_file(rule, version):
+    if version not in SHIPPED[rule]:
+        raise ValueError(
+            f"{version!r} is not a shipped version of {rule!r} weights; "
+            f"choose from {list(SHIPPED[rule])} (default {DEFAULT_VERSION[rule]!r}), "
+            f"or pass a path."
+        )
+    path = shipped_path(version)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"keras-lopt's shipped weights {path!r} are missing from this "
+            "installation; pass `weights=` explicitly."
+        )
+    return path
 
 
 def _truncated_normal(rng, shape, fan_in):

@@ -188,6 +188,13 @@ def test_cli_meta_train(tmp_path):
     opt = Celo2Base(weights=str(out / "theta.npz"))
     assert opt.theta["w1"].shape == (8, 8)
     assert (out / "checkpoint.npz").exists() and (out / "metrics.csv").exists()
+    # The weights say where they come from: run, settings, command, progress.
+    from keras_lopt.rules.theta import provenance
+
+    record = provenance(str(out / "theta.npz"))
+    assert record["rule"] == "celo2_base" and record["iteration"] == 2
+    assert record["config"]["truncation"] == 2 and record["config"]["families"] == ["teacher_mlp"]
+    assert "meta-train" in record["command"] and record["run"].endswith("run")
 
 
 def _reference_gradient(trainer, family, theta, population, eps):

@@ -174,13 +174,16 @@ def test_weights_of_another_rule_are_refused(tmp_path):
     # Celo2 and Celo2-base meta-weights have the same shapes but mean
     # different rules: the file's `__rule__` tag decides.
     from keras_lopt.optimizers import Celo
-    from keras_lopt.rules.theta import WEIGHTS_DIR
+    from keras_lopt.rules.theta import shipped_path
 
-    shipped_celo2 = os.path.join(WEIGHTS_DIR, "celo2.npz")
+    shipped_celo2 = shipped_path("celo2-v2")
     with pytest.raises(ValueError, match="holds 'celo2' meta-weights, not 'celo2_base'"):
         Celo2Base(weights=shipped_celo2)
     with pytest.raises(ValueError, match="holds 'celo2_base' meta-weights, not 'celo2'"):
-        Celo2(weights=os.path.join(WEIGHTS_DIR, "celo2_base.npz"))
+        Celo2(weights=shipped_path("celo2_base-v2"))
+    # A version name is checked against the rule too.
+    with pytest.raises(ValueError, match="not a shipped version of 'celo2'"):
+        Celo2(weights="celo2_base-v2")
     with pytest.raises(ValueError, match="holds 'celo2' meta-weights, not 'celo'"):
         Celo(weights=shipped_celo2, total_steps=10)
     # The same arrays pass as a dict (no tag) and under their own rule.
