@@ -584,20 +584,104 @@ def fit(model, task, steps, seed, lrs, points, record_lr_mult=False):
 
 # --- one task ----------------------------------------------------------------
 
+# What must agree between an earlier report and this run for its runs to be
+# reused: anything that changes a run of a given (optimizer, rate, seed).
+_REUSE_KEYS = ("backend", "schedule", "weight_decay", "warmup_fraction", "evals_per_run")
+
+
+def load_reused(path, config, names):
+    """Runs of the optimizers `names` from an earlier `evaluate.json`, per task.
+
+    Runs are deterministic (one CPU per process, see the module docstring),
+    so a run of the same task, optimizer family, rate, seed and settings
+    is the run this process would make: reusing the baselines lets a new
+    candidate (other weights, another option) be compared with them without
+    training them again. Every setting that changes a run must match
+    (`_REUSE_KEYS`, each task's step count, and the meta-weights of a
+    learned optimizer), else this raises. Returns
+    `{task: {(family, lr, seed): run}}`; full runs (the selected rates'
+    seeds) and the tuning grid's seed-0 summaries (enough to select a rate).
+    """
+    with open(path) as f:
+        earlier = json.load(f)
+    old = earlier["config"]
+    new = {"backend": keras.backend.backend(), "schedule": config.schedule,
+           "weight_decay": config.weight_decay, "warmup_fraction": WARMUP_FRACTION,
+           "evals_per_run": EVALS_PER_RUN}
+    wrong = [f"{k}: {old.get(k)!r} there, {new[k]!r} here" for k in _REUSE_KEYS
+             if old.get(k) != new[k]]
+    for name in names:
+        if name not in old["optimizers"]:
+            wrong.append(f"{name} did not run there")
+        key = f"{OPTIMIZERS[name].family}_weights"
+        if key in old and old[key] != (getattr(config, key, None) or "shipped"):
+            wrong.append(f"{name}'s {key}: {old[key]!r} there")
+    for task in config.tasks:
+        if task in old["task_steps"] and old["task_steps"][task] != config.task_steps(task):
+            wrong.append(f"{task} ran {old['task_steps'][task]} steps there, "
+                         f"{config.task_steps(task)} here")
+    if wrong:
+        raise SystemExit(f"--reuse {path}: its runs differ from this evaluation's: "
+                         + "; ".join(wrong))
+
+    def restore(run, steps):
+        run = {k: (math.nan if v is None and k != "error" and k != "lr_mult" else v)
+               for k, v in run.items()}
+        for k in ("train_losses", "val_losses"):
+            if k in run:
+                run[k] = [math.nan if v is None else v for v in run[k]]
+        run.setdefault("error", None)
+        if "train_losses" in run:
+            # From the float32 losses, stored exactly: the same float64 curve
+            # and target as the run had (the stored smoothed value is rounded).
+            run["smoothed_train"] = stats.smooth(run["train_losses"], stats_window(steps)).tolist()
+            run["final_train"] = run["smoothed_train"][-1]
+        return run
+
+    families = {OPTIMIZERS[n].family for n in names}
+    out = {}
+    for task, result in earlier["tasks"].items():
+        if task not in config.tasks:
+            continue
+        steps = result["steps"]
+        runs = {}
+        for key, run in result.get("grid_runs", {}).items():
+            family, lr, seed = key.split("|")
+            if family in families:
+                runs[(family, _lr_key(None if lr == "None" else float(lr)), int(seed))] = \
+                    restore(run, steps)
+        for name, selected in result["runs"].items():
+            if name in names:
+                for run in selected:  # full runs replace the grid's summaries
+                    key = (OPTIMIZERS[name].family, _lr_key(run["learning_rate"]), run["seed"])
+                    runs[key] = restore(run, steps)
+        out[task] = runs
+    return out
+
 
 def _score(run):
     value = run["final_val"]
     return value if (run["error"] is None and math.isfinite(value)) else math.inf
 
 
-def evaluate_task(task, config, log=print):
-    """Tuning (seed 0), reruns of the selected rates, per-seed speedups."""
+def _lr_key(lr):
+    # Rates as the JSON report stores them (9 significant digits), so that
+    # runs read back by `--reuse` meet the same grid points.
+    return None if lr is None else float(f"{lr:.9g}")
+
+
+def evaluate_task(task, config, log=print, reused=None):
+    """Tuning (seed 0), reruns of the selected rates, per-seed speedups.
+
+    `reused`: runs of an earlier report, `{(family, lr, seed): run}` (see
+    `load_reused`), taken instead of training them again.
+    """
     steps = config.task_steps(task.name)
-    cache = {}  # (family, lr, seed) -> run
+    cache = dict(reused or {})  # (family, lr, seed) -> run
 
     def run_once(name, lr, seed):
         spec = OPTIMIZERS[name]
-        key = (spec.family, lr, seed)
+        key = (spec.family, _lr_key(lr), seed)
         if key not in cache:
             cache[key] = train(task, spec, lr, seed, config, steps)
             r = cache[key]
@@ -1057,6 +1141,11 @@ def parse_args(argv):
     parser.add_argument("--estimate", action="store_true", help="print the time estimate, exit")
     parser.add_argument("--worker-json", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--reuse", metavar="EVALUATE_JSON",
+                        help="take the runs of --reuse-optimizers from an earlier report "
+                             "instead of training them again (settings must match)")
+    parser.add_argument("--reuse-optimizers", nargs="+", choices=list(OPTIMIZERS),
+                        default=["adamw", "muon"], help="default: adamw muon")
     args = parser.parse_args(argv)
     if args.seeds is None:
         args.seeds = 2 if args.quick else 3
@@ -1123,6 +1212,7 @@ def main(argv=None):
     if args.estimate:
         return
     setup = configure_backend(args.jax_cache)
+    reused = load_reused(args.reuse, config, args.reuse_optimizers) if args.reuse else {}
     start = time.perf_counter()
     if workers > 1 and not args.worker_json:
         task_results = _run_workers(argv, config, costs, workers)
@@ -1130,7 +1220,8 @@ def main(argv=None):
         task_results = {}
         for task_name in config.tasks:
             task = TASKS[task_name]()
-            task_results[task_name] = evaluate_task(task, config, log=log)
+            task_results[task_name] = evaluate_task(task, config, log=log,
+                                                    reused=reused.get(task_name))
     results = {
         "config": {
             "backend": keras.backend.backend(), "backend_setup": setup, "seeds": config.seeds,
@@ -1146,6 +1237,8 @@ def main(argv=None):
             "weight_decay": config.weight_decay, "workers": workers,
             "python": platform.python_version(), "keras": keras.__version__, "git": _git(),
             "command": "python -m benchmarks.evaluate " + shlex.join(argv),
+            "reused": ({"from": args.reuse, "optimizers": list(args.reuse_optimizers)}
+                       if args.reuse else None),
         },
         "tasks": task_results,
         "wall_s": time.perf_counter() - start,

@@ -70,3 +70,65 @@ def keras_ops_numpy(x):
     import keras
 
     return keras.ops.convert_to_numpy(x)
+
+
+def _assert_close(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_close(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_close(x, y)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-6)
+    else:
+        assert a == b
+
+
+def test_reuse_takes_the_baselines_runs_from_an_earlier_report(tmp_path, monkeypatch):
+    import json
+
+    import keras
+
+    common = ["--tasks", "autoencoder_digits", "--steps", "4", "--lrs", "0.001", "0.01",
+              "--seeds", "2", "--workers", "1", "--jax-cache", ""]
+    first = str(tmp_path / "first")
+    evaluate.main(common + ["--optimizers", "adamw", "celo2", "--out", first])
+    with open(f"{first}/evaluate.json") as f:
+        before = json.load(f)
+
+    trained = []
+    real_train = evaluate.train
+
+    def spy(task, spec, lr, seed, config, steps):
+        trained.append((spec.family, lr, seed))
+        return real_train(task, spec, lr, seed, config, steps)
+
+    monkeypatch.setattr(evaluate, "train", spy)
+    second = str(tmp_path / "second")
+    evaluate.main(common + ["--optimizers", "adamw", "celo2", "--out", second,
+                            "--reuse", f"{first}/evaluate.json", "--reuse-optimizers", "adamw"])
+    with open(f"{second}/evaluate.json") as f:
+        after = json.load(f)
+    # AdamW's grid and seeds came from the report; only Celo2 trained again,
+    # and its runs (deterministic) and the speedups against AdamW are the same.
+    assert trained and {family for family, _, _ in trained} == {"celo2"}
+    task_before, task_after = before["tasks"]["autoencoder_digits"], after["tasks"]["autoencoder_digits"]
+    assert task_after["tuning"]["adamw"] == task_before["tuning"]["adamw"]
+    for name in ("adamw", "celo2"):
+        for a, b in zip(task_before["runs"][name], task_after["runs"][name]):
+            np.testing.assert_allclose(a["val_losses"], b["val_losses"], rtol=1e-6)
+            np.testing.assert_allclose(a["train_losses"], b["train_losses"], rtol=1e-6)
+    _assert_close(task_after["speedup"], task_before["speedup"])
+    assert after["config"]["reused"]["optimizers"] == ["adamw"]
+
+    # Settings that change a run must match.
+    with pytest.raises(SystemExit, match="weight_decay"):
+        evaluate.main(common + ["--optimizers", "adamw", "--out", second, "--weight-decay", "0.1",
+                                "--reuse", f"{first}/evaluate.json"])
+    with pytest.raises(SystemExit, match="muon did not run there"):
+        evaluate.main(common + ["--optimizers", "adamw", "--out", second,
+                                "--reuse", f"{first}/evaluate.json"])
+    keras.backend.clear_session()
