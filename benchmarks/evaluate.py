@@ -304,6 +304,8 @@ class EvalConfig:
         schedule: "warmup_cosine" (default) or "constant" (for experiments).
         celo2_weights, celo2_base_weights, celo_weights: meta-weights files;
             None means the shipped defaults.
+        celo2_options: `(name, value)` pairs of other `Celo2` arguments
+            (e.g. `adam_lr_ratio`), for experiments on its defaults.
         weight_decay: the decoupled weight-decay coefficient of every
             optimizer (each scales it by its own step, as it documents);
             default Keras's AdamW / Muon default, 0.004.
@@ -322,6 +324,7 @@ class EvalConfig:
     celo2_base_weights: str | None = None
     celo_weights: str | None = None
     weight_decay: float = 0.004
+    celo2_options: tuple = ()
     quick: bool = False
     out: str = DEFAULT_OUT
 
@@ -338,6 +341,7 @@ class EvalConfig:
             max_extend=args.max_extend, schedule=args.schedule,
             celo2_weights=args.celo2_weights, celo2_base_weights=args.celo2_base_weights,
             celo_weights=args.celo_weights, weight_decay=args.weight_decay,
+            celo2_options=tuple(_parse_options(args.celo2_option or [])),
             quick=args.quick, out=args.out,
         )
 
@@ -384,12 +388,34 @@ def register_optimizer(name, label, make, tuned=False, grid=ADAM_GRID, default_l
                                      default, family or name)
 
 
+def _parse_options(items):
+    """`["adam_lr_ratio=5", "adam_bias_correction=false"]` -> `[(name, value)]`."""
+    out = []
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--celo2-option wants NAME=VALUE, got {item!r}")
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        else:
+            try:
+                value = float(text)
+                value = int(value) if value.is_integer() and "." not in text and "e" not in lowered \
+                    else value
+            except ValueError:
+                value = text
+        out.append((name.strip(), value))
+    return out
+
+
 def _learned(class_name, weights):
     """`make` for `keras_lopt.optimizers.<class_name>`; `weights(config)` is its file."""
 
     def make(lr, config, model):
+        options = dict(config.celo2_options) if class_name == "Celo2" else {}
         return getattr(keras_lopt.optimizers, class_name)(
-            lr, weights=weights(config), weight_decay=config.weight_decay or None,
+            lr, weights=weights(config), weight_decay=config.weight_decay or None, **options,
         )
 
     return make
@@ -616,6 +642,9 @@ def load_reused(path, config, names):
         key = f"{OPTIMIZERS[name].family}_weights"
         if key in old and old[key] != (getattr(config, key, None) or "shipped"):
             wrong.append(f"{name}'s {key}: {old[key]!r} there")
+        if OPTIMIZERS[name].family == "celo2" and \
+                old.get("celo2_options", {}) != dict(config.celo2_options):
+            wrong.append(f"celo2 options {old.get('celo2_options', {})} there")
     for task in config.tasks:
         if task in old["task_steps"] and old["task_steps"][task] != config.task_steps(task):
             wrong.append(f"{task} ran {old['task_steps'][task]} steps there, "
@@ -883,7 +912,12 @@ def markdown(results):
         f"Keras {config['keras']}, git `{config['git']}`. Schedule `{config['schedule']}` "
         f"(5% linear warm-up from 0, cosine to 0) for every optimizer but Celo; "
         f"{config['seeds']} seed(s) of each selected rate; selection on the final validation "
-        f"loss of seed 0. Wall time {results['wall_s'] / 60:.1f} min.",
+        f"loss of seed 0. Wall time {results['wall_s'] / 60:.1f} min. "
+        f"Command: `{config['command']}`. Weights: Celo2 {config.get('celo2_weights')}, "
+        f"Celo {config.get('celo_weights')}"
+        + (f"; Celo2 options {config['celo2_options']}" if config.get("celo2_options") else "")
+        + (f"; runs of {', '.join(config['reused']['optimizers'])} reused from "
+           f"`{config['reused']['from']}`" if config.get("reused") else "") + ".",
         "",
         "## Tasks",
         "",
@@ -1128,6 +1162,9 @@ def parse_args(argv):
     parser.add_argument("--weight-decay", type=float, default=0.004,
                         help="decoupled weight decay of every optimizer (default 0.004, "
                              "Keras's AdamW / Muon default)")
+    parser.add_argument("--celo2-option", action="append", metavar="NAME=VALUE",
+                        help="another Celo2 argument for celo2 / celo2_tuned, e.g. "
+                             "adam_lr_ratio=5 (repeatable; for experiments on its defaults)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: {QUICK_TASK_STEPS} steps, grid {QUICK_GRID}, 2 seeds")
     parser.add_argument("--workers", type=int, default=None,
@@ -1235,6 +1272,7 @@ def main(argv=None):
             "celo2_base_weights": config.celo2_base_weights or "shipped",
             "celo_weights": config.celo_weights or "shipped",
             "weight_decay": config.weight_decay, "workers": workers,
+            "celo2_options": dict(config.celo2_options),
             "python": platform.python_version(), "keras": keras.__version__, "git": _git(),
             "command": "python -m benchmarks.evaluate " + shlex.join(argv),
             "reused": ({"from": args.reuse, "optimizers": list(args.reuse_optimizers)}

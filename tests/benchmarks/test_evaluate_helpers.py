@@ -132,3 +132,10 @@ def test_reuse_takes_the_baselines_runs_from_an_earlier_report(tmp_path, monkeyp
         evaluate.main(common + ["--optimizers", "adamw", "--out", second,
                                 "--reuse", f"{first}/evaluate.json"])
     keras.backend.clear_session()
+
+
+def test_celo2_options_parse():
+    assert evaluate._parse_options(["adam_lr_ratio=5", "b=false", "x=1e-3", "c=0.5"]) == [
+        ("adam_lr_ratio", 5), ("b", False), ("x", 0.001), ("c", 0.5)]
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        evaluate._parse_options(["adam_lr_ratio"])
