@@ -73,13 +73,16 @@ class MetaTrainConfig:
     warmup_cosine_fraction: float = 0.5
     min_scale: float = 1e-3
     max_scale: float = 1e3
+    # Each family has a hidden matrix under the deployment routing (the
+    # input and output layers are Adam's), so that every inner run depends
+    # on theta.
     families: tuple = (
-        "digits_mlp",
-        "mnist1d_mlp",
-        "teacher_mlp",
+        "digits_deep_mlp",
+        "mnist1d_deep_mlp",
+        "teacher_deep_mlp",
         "mnist1d_conv",
-        "teacher_regression",
-        "raw_scale_binary",
+        "teacher_regression_deep",
+        "raw_scale_binary_deep",
     )
     init_weights: str = ""
 

@@ -88,6 +88,19 @@ class PESMetaTrainer:
             )
             for f in families
         }
+        # A family whose every tensor goes to the Adam branch gives the same
+        # loss whatever theta is: its runs only add noise and dilute the
+        # meta-loss (a 64-32-10 MLP under the deployment routing has no hidden
+        # matrix: its input and output layers are Adam's).
+        idle = [name for name, routes in self._family_routes.items()
+                if not any(r.branch == routing.RULE for r in routes)]
+        if idle:
+            raise ValueError(
+                f"Under routing={config.routing!r}, the task families {idle} send no "
+                f"tensor to the learned rule, so meta-training cannot learn from them. "
+                f"Use families with hidden matrices (e.g. the '*_deep' MLP families, "
+                f"'mnist1d_conv', 'digits_attention'), or routing='reference'."
+            )
         devices = jax.devices()
         self.mesh = jax.sharding.Mesh(np.array(devices), ("pop",))
         self._outer_step = jax.jit(self._outer_step_impl, donate_argnums=(0,))

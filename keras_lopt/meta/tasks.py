@@ -213,6 +213,18 @@ FAMILIES = {
     "mnist1d_mlp": lambda: TaskFamily("mnist1d_mlp", *mnist1d_data(), (32,), 10),
     "teacher_mlp": lambda: TaskFamily("teacher_mlp", *teacher_data(), (32,), 10),
     "digits_deep_mlp": lambda: TaskFamily("digits_deep_mlp", *digits_data(), (32, 32), 10),
+    # Under the deployment routing the input and output layers are Adam's:
+    # these have hidden matrices (32x32) for the learned rule.
+    "mnist1d_deep_mlp": lambda: TaskFamily("mnist1d_deep_mlp", *mnist1d_data(), (32, 32), 10),
+    "teacher_deep_mlp": lambda: TaskFamily("teacher_deep_mlp", *teacher_data(), (32, 32), 10),
+    "teacher_regression_deep": lambda: TaskFamily(
+        "teacher_regression_deep", *teacher_regression_data(), (32, 32), 4,
+        objective="regression"
+    ),
+    "raw_scale_binary_deep": lambda: TaskFamily(
+        "raw_scale_binary_deep", *raw_scale_binary_data(), (32, 32), 2,
+        max_loss=1.5 * math.log(10)
+    ),
     "mnist1d_conv": lambda: TaskFamily(
         "mnist1d_conv", *mnist1d_data(), (), 10, model=mnist1d_conv_model()
     ),

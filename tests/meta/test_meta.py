@@ -318,6 +318,23 @@ def test_inner_step_is_the_keras_optimizer_step(rule):
         np.testing.assert_allclose(np.asarray(v.value), np.asarray(p), rtol=0, atol=1e-7)
 
 
+SHALLOW_FAMILIES = ("digits_mlp", "mnist1d_mlp", "teacher_mlp", "teacher_regression",
+                    "raw_scale_binary")
+
+
+@jax_only
+def test_families_without_learned_tensors_are_refused():
+    """Meta-training on a family the rule never touches only adds noise."""
+    from keras_lopt.meta.pes import PESMetaTrainer
+
+    families = tasks.make_families(["digits_mlp", "digits_deep_mlp"])
+    with pytest.raises(ValueError, match=r"families \['digits_mlp'\] send no tensor"):
+        PESMetaTrainer(tiny_config(), families=families)
+    PESMetaTrainer(tiny_config(routing="reference"), families=families)
+    # The default distribution is fit for the default (deployment) routing.
+    PESMetaTrainer(tiny_config(), families=tasks.default_families())
+
+
 @jax_only
 @pytest.mark.parametrize("name", sorted(tasks.FAMILIES))
 def test_every_family_builds_and_trains_one_inner_step(name):
@@ -328,7 +345,11 @@ def test_every_family_builds_and_trains_one_inner_step(name):
 
     family = tasks.make_families([name])[0]
     assert family.num_params > 0 and family.max_loss > 0
-    trainer = PESMetaTrainer(tiny_config(), families=[family])
+    # One hidden layer: under the deployment routing both kernels are the
+    # input and output layers' (Adam), so nothing depends on theta.
+    shallow = name in SHALLOW_FAMILIES
+    config = tiny_config(routing="reference" if shallow else "deployment")
+    trainer = PESMetaTrainer(config, families=[family])
     run = trainer._init_run(family, jax.random.PRNGKey(0))
     for shape, p in zip(family.shapes, run["params"]):
         assert tuple(p.shape) == shape
