@@ -92,6 +92,9 @@ def test_reuse_takes_the_baselines_runs_from_an_earlier_report(tmp_path, monkeyp
 
     import keras
 
+    # The harness's process-wide settings (one torch thread, TensorFlow op
+    # determinism) would outlive this test and slow or change the others.
+    monkeypatch.setattr(evaluate, "configure_backend", lambda jax_cache: "test")
     common = ["--tasks", "autoencoder_digits", "--steps", "4", "--lrs", "0.001", "0.01",
               "--seeds", "2", "--workers", "1", "--jax-cache", ""]
     first = str(tmp_path / "first")
