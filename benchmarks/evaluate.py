@@ -24,7 +24,9 @@ Keras Muon routed like Celo2, i.e. orthogonalised steps on hidden matrices,
 conv and attention kernels viewed as matrices, AdamW on vectors, embeddings
 and the model's input and output layers) tuned, `celo2` at its default peak
 rate 1e-3 (untuned) and `celo2_tuned`. Opt-in: `celo2_base[_tuned]`, `celo`,
-`muon_keras` (Keras Muon as shipped, output layer excluded) and, when
+`muon_keras` (Keras Muon as shipped, output layer excluded),
+`muon_celo2_rates` (Muon's direction at Celo2's step sizes: a diagnostic)
+and, when
 `../shared/reference` holds them, `celo_released` / `celo2_released`.
 
 Protocol (every optimizer alike):
@@ -435,6 +437,15 @@ for _name, _class_name, _weights, _default in (
     register_optimizer(f"{_name}_tuned", f"{_class_name} (tuned)",
                        _learned(_class_name, _weights), tuned=True, grid=CELO2_GRID,
                        default=_default, family=_name)
+# A diagnostic: Muon's direction (orthogonalised Nesterov momentum) with
+# Celo2's step sizes, i.e. Celo2 with its learned MLP replaced by momentum:
+# unit-RMS matrix steps (rms_rate 1), an Adam branch at 20x the rate with
+# b2 = 0.95. Beside `celo2` at the same rate it separates what the learned
+# direction contributes from what the rates do.
+register_optimizer("muon_celo2_rates", "Muon (Celo2's rates)", lambda lr, config, model: MatrixMuon(
+    lr, model=model, rms_rate=1.0, adam_lr_ratio=20.0, adam_beta_2=0.95,
+    weight_decay=config.weight_decay, adam_weight_decay=config.weight_decay),
+    default_lr=1e-3, default=False)
 register_optimizer(
     "muon_keras", "Muon (Keras routing)",
     lambda lr, config, model: keras.optimizers.Muon(
