@@ -277,7 +277,8 @@ def load(rule, weights=None, what=None):
         rule: `"celo2"`, `"celo2_base"` or `"celo"`.
         weights: `None` for the default shipped version
             (`DEFAULT_VERSION[rule]`), a shipped version's name
-            (`"celo2-v1"`; `SHIPPED`), a path to a `.npz` (keras-lopt's
+            (`"celo2-v1"`; `SHIPPED`), `"momentum"` (`momentum_theta()`,
+            Celo2 / Celo2Base), a path to a `.npz` (keras-lopt's
             format, checked against its `__rule__` tag) or a `.state` file
             (the authors' format), or a dict of arrays.
         what: the name used in error messages.
@@ -289,6 +290,10 @@ def load(rule, weights=None, what=None):
     what = what or f"{rule} weights"
     if weights is None:
         weights = DEFAULT_VERSION[rule]
+    if isinstance(weights, str) and weights == "momentum" and not os.path.exists(weights):
+        if rule == "celo":
+            raise ValueError("'momentum' meta-weights exist for Celo2 and Celo2Base only.")
+        weights = momentum_theta()
     if isinstance(weights, str) and not os.path.exists(weights) and (
         weights in shipped_versions() or _looks_like_version(weights)
     ):
@@ -347,6 +352,29 @@ def _init_mlp(rng, shapes, prefix=""):
             theta[name] = _truncated_normal(rng, shape, sum(celo2.FEATURE_WIDTHS))
         else:
             theta[name] = _truncated_normal(rng, shape, shape[-2])
+    return theta
+
+
+def momentum_theta(decay_index=0):
+    """Celo2 meta-weights whose MLP outputs the momentum `m_i` exactly.
+
+    The first layer reads feature group 3 (the three momenta) and passes
+    channel `decay_index` (decay 0.9, 0.99 or 0.999) through two ReLU units
+    as `relu(m) - relu(-m) = m`; every other weight is zero. Features are
+    normalised per channel and the step is normalised to unit RMS, so the
+    scale does not matter: `Celo2` with these weights is Muon's update
+    (orthogonalised heavy-ball momentum, no Nesterov) at Celo2's step sizes,
+    and `Celo2Base` is normalised momentum. A starting point for
+    meta-training (`keras-lopt meta-train --init-weights momentum`), whose
+    held-out quality the learned weights must beat.
+    """
+    if decay_index not in range(len(celo2.MOMENTUM_DECAYS)):
+        raise ValueError(f"decay_index must be 0, 1 or 2; received {decay_index!r}.")
+    theta = {k: np.zeros(s, "float32") for k, s in celo2.THETA_SHAPES.items()}
+    theta["w0__3"][decay_index, 0] = 1.0
+    theta["w0__3"][decay_index, 1] = -1.0
+    theta["w1"][0, 0] = theta["w1"][1, 1] = 1.0
+    theta["w2"][0, 0], theta["w2"][1, 0] = 1.0, -1.0
     return theta
 
 

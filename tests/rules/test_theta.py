@@ -66,3 +66,28 @@ def test_provenance_is_written_and_read_back(tmp_path):
     plain = os.path.join(tmp_path, "plain.npz")
     theta_lib.save_theta(plain, theta_lib.load_theta(path), "celo2")
     assert theta_lib.provenance(plain) is None
+
+
+def test_momentum_theta_steps_like_orthogonalised_momentum():
+    """`momentum_theta` makes Celo2 Muon-like: its step is NS(m_0.9), unit RMS."""
+    from keras import ops
+
+    from keras_lopt.rules import celo2
+
+    rng = np.random.default_rng(0)
+    theta = {k: ops.convert_to_tensor(v) for k, v in theta_lib.momentum_theta().items()}
+    param = rng.standard_normal((6, 4)).astype("float32")
+    state = celo2.init_state(param.shape)
+    m = np.zeros_like(param)
+    for _ in range(3):
+        grad = rng.standard_normal(param.shape).astype("float32")
+        m = 0.9 * m + 0.1 * grad
+        step, state = celo2.celo2_step(theta, state, ops.convert_to_tensor(grad),
+                                       ops.convert_to_tensor(param))
+        expected = ops.convert_to_numpy(celo2.newton_schulz(ops.convert_to_tensor(m)))
+        expected = expected / np.sqrt(np.mean(expected ** 2))
+        np.testing.assert_allclose(ops.convert_to_numpy(step), expected, rtol=1e-4, atol=1e-4)
+    # Loadable by name, as a meta-training starting point.
+    assert Celo2(weights="momentum").theta["w2"][0, 0] == 1.0
+    with pytest.raises(ValueError, match="Celo2 and Celo2Base only"):
+        Celo(weights="momentum", total_steps=10)
