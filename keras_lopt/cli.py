@@ -47,7 +47,9 @@ def _parser():
                     help="share of inner runs on warm-up + cosine over their horizon "
                          "(the rest at a constant rate); runs before this option used 0")
     mt.add_argument("--init-weights", default="",
-                    help="start from these meta-weights (.npz or .state) instead of a random init")
+                    help="start from these meta-weights instead of a random init: a .npz or "
+                         ".state file, a shipped version (celo2-v2, ...), or 'momentum' "
+                         "(Celo2/Celo2Base: the MLP outputs the 0.9 momentum)")
     mt.add_argument("--checkpoint-every", type=int, default=100)
     mt.add_argument("--max-minutes", type=float, default=None,
                     help="checkpoint and stop after this many minutes (resume later)")
