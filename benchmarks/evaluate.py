@@ -401,12 +401,13 @@ def _parse_options(items):
         if lowered in ("true", "false"):
             value = lowered == "true"
         else:
-            try:
-                value = float(text)
-                value = int(value) if value.is_integer() and "." not in text and "e" not in lowered \
-                    else value
-            except ValueError:
-                value = text
+            value = text
+            for kind in (int, float):  # "5" -> 5, "1e-3" -> 0.001, else the text
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
         out.append((name.strip(), value))
     return out
 
