@@ -37,7 +37,18 @@ def _running_the_cli():
     return any(a == "-m" and b == "keras_lopt.cli" for a, b in zip(argv, argv[1:]))
 
 
-if "keras" not in _sys.modules and "KERAS_BACKEND" not in _os.environ and _running_the_cli():
+def _has_jax():
+    import importlib.util
+
+    return importlib.util.find_spec("jax") is not None
+
+
+# Without JAX the command still answers --help and --version on Keras's own
+# default backend, and refuses meta-training with the extra to install.
+if (
+    "keras" not in _sys.modules and "KERAS_BACKEND" not in _os.environ
+    and _running_the_cli() and _has_jax()
+):
     _os.environ["KERAS_BACKEND"] = "jax"
 
 from keras_lopt import backend  # noqa: E402

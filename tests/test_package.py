@@ -8,6 +8,8 @@ import sys
 import keras
 import pytest
 
+import keras_lopt
+
 from tests.conftest import REPO_ROOT
 
 PACKAGE = os.path.join(REPO_ROOT, "keras_lopt")
@@ -179,3 +181,19 @@ def test_command_line_defaults_to_jax_before_keras_loads(tmp_path):
                            "--iterations", "1"], cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "needs the JAX backend" in proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["jax", "tensorflow", "torch"])
+def test_command_line_help_and_version_on_every_backend(backend):
+    """Only running meta-training needs JAX; --help shows every default."""
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "keras_lopt.cli", *args], env=env,
+        capture_output=True, text=True, timeout=300)
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"keras-lopt {keras_lopt.__version__}"
+    proc = run("meta-train", "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = "".join(proc.stdout.split())  # argparse wraps even inside words
+    assert "(default:8)" in text and "(default:digits_deep_mlp," in text
+    assert "(default:None)" not in text

@@ -39,6 +39,14 @@ def load_checkpoint(path, families=None):
     with np.load(path, allow_pickle=False) as archive:
         config = MetaTrainConfig.from_dict(json.loads(str(archive["config"])))
         leaves = [archive[f"leaf_{i:05d}"] for i in range(len(archive.files) - 1)]
+    if families is not None and tuple(f.name for f in families) != tuple(config.families):
+        # Named families are rebuilt from the record; objects cannot be, and
+        # other ones would silently change the run.
+        raise ValueError(
+            f"{path!r} was meta-trained on the families {tuple(config.families)}; "
+            f"received {tuple(f.name for f in families)}. Pass the same families to "
+            f"resume, or start a new run (another directory or resume=False)."
+        )
     trainer = PESMetaTrainer(config, families=families)
     template = trainer.init()
     treedef = jax.tree_util.tree_structure(template)
@@ -136,6 +144,22 @@ def run_provenance(config, out_dir, iteration, wall_s):
     }
 
 
+def _changed_settings(recorded, passed):
+    """`"name: recorded -> passed"` for every setting that differs."""
+    if passed is None:
+        return ""
+    return "; ".join(
+        f"{f.name}: {getattr(recorded, f.name)!r} -> {getattr(passed, f.name)!r}"
+        for f in dataclasses.fields(recorded)
+        if _plain(getattr(recorded, f.name)) != _plain(getattr(passed, f.name))
+    )
+
+
+def _plain(value):
+    # A config read back from JSON holds lists where the dataclass has tuples.
+    return tuple(value) if isinstance(value, list) else value
+
+
 def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
                resume=True, verbose=1, max_minutes=None):
     """Runs (or resumes) meta-training until `iterations` outer iterations.
@@ -167,12 +191,16 @@ def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
     metrics_path = os.path.join(out_dir, METRICS)
     if resume and os.path.exists(ckpt):
         trainer, state = load_checkpoint(ckpt, families=families)
-        if config is not None and dataclasses.replace(
-            config, families=trainer.config.families
-        ) != trainer.config:
+        if config is not None and families is not None:
+            # Family objects passed directly name the families, as in
+            # `PESMetaTrainer`.
+            config = dataclasses.replace(config, families=tuple(f.name for f in families))
+        changed = _changed_settings(trainer.config, config)
+        if changed:
             warnings.warn(
-                f"Resuming {ckpt} with the configuration it was started with, "
-                f"{trainer.config}; the one passed now, {config}, is ignored.",
+                f"Resuming {ckpt} with the settings it was started with; these "
+                f"settings passed now differ and are ignored: {changed}. Use "
+                f"another output directory (or --no-resume) to run them.",
                 stacklevel=2,
             )
         start = int(state["iteration"])

@@ -450,3 +450,27 @@ def test_celo_two_phases_train_their_own_half(tmp_path):
     assert any(not np.array_equal(two[k], one[k]) for k in celo.SCHEDULER_KEYS)
     # The written theta is complete: Celo loads it as is.
     Celo(weights=str(tmp_path / "p2" / "theta.npz"), total_steps=10)
+
+
+@jax_only
+def test_resume_reports_each_changed_setting(tmp_path):
+    """A resumed run keeps its recorded settings and names every one passed
+    differently; other task families are refused, not silently swapped."""
+    import warnings
+
+    from keras_lopt.meta.train import _changed_settings, meta_train
+
+    meta_train(tiny_config(), str(tmp_path / "r"), 1, families=tiny_families(), verbose=0)
+    with pytest.warns(UserWarning, match=r"sigma: 0.01 -> 0.02"):
+        meta_train(tiny_config(sigma=0.02), str(tmp_path / "r"), 2,
+                   families=tiny_families(), verbose=0)
+    other = tiny_families()
+    other[0].name = "tiny_renamed"
+    with pytest.raises(ValueError, match="meta-trained on the families"):
+        meta_train(tiny_config(), str(tmp_path / "r"), 3, families=other, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        meta_train(tiny_config(), str(tmp_path / "r"), 3, families=tiny_families(), verbose=0)
+    # The command line names families: a changed list is reported like the rest.
+    text = _changed_settings(tiny_config(families=("a", "b")), tiny_config(families=("a",)))
+    assert text == "families: ('a', 'b') -> ('a',)"
