@@ -78,8 +78,8 @@ class LearnedOptimizer(optimizers.Optimizer):
     `keras_lopt.rules.routing`) and implements `_rule_update`; a subclass
     with an Adam branch also implements `_adam_update`. This class loads and
     validates the meta-weights, routes every variable in `build` and creates
-    its state, runs the per-variable update, and embeds the meta-weights in
-    `get_config`.
+    its state, runs the per-variable update, and writes the meta-weights
+    into `get_config` (a shipped version by name, other weights as arrays).
     """
 
     rule = None
@@ -95,6 +95,7 @@ class LearnedOptimizer(optimizers.Optimizer):
         self.theta = theta_lib.load(
             self.rule, weights, what=f"{self.__class__.__name__} weights"
         )
+        self._weights_name = theta_lib.version_name(self.rule, weights)
         self._theta_tensors = None
         self.routing = routing_lib.check_mode(routing)
         self._attached_model = None
@@ -241,9 +242,14 @@ class LearnedOptimizer(optimizers.Optimizer):
 
     def get_config(self):
         config = super().get_config()
-        # The meta-weights themselves, never a path or "the shipped ones": a
-        # saved model then loads anywhere, and keeps its weights when a later
-        # release ships new defaults.
-        config["weights"] = {k: v.tolist() for k, v in self.theta.items()}
+        # Shipped weights by their version ("celo2-v2", never "the default"),
+        # which never changes once shipped: a saved model keeps its weights
+        # when a later release ships new defaults, and the config stays
+        # small. Other weights travel as arrays (never as a path), so that a
+        # saved model loads anywhere.
+        if self._weights_name is not None:
+            config["weights"] = self._weights_name
+        else:
+            config["weights"] = {k: v.tolist() for k, v in self.theta.items()}
         config["routing"] = self.routing
         return config

@@ -310,6 +310,22 @@ def load(rule, weights=None, what=None):
     return validate_theta(theta, theta_shapes(rule, theta), what=what)
 
 
+def version_name(rule, weights):
+    """The name that `load(rule, weights)` resolves `weights` by, else `None`.
+
+    `None` (the default) gives `DEFAULT_VERSION[rule]`; a shipped version's
+    name or `"momentum"` gives itself. Paths and arrays have no name: an
+    optimizer config must carry those weights themselves.
+    """
+    _check_rule(rule)
+    if weights is None:
+        return DEFAULT_VERSION[rule]
+    if isinstance(weights, str) and not os.path.exists(weights):
+        if weights in SHIPPED[rule] or (weights == "momentum" and rule != "celo"):
+            return weights
+    return None
+
+
 def _looks_like_version(name):
     return "-v" in name and not name.endswith((".npz", ".state")) and os.sep not in name
 

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_lopt.callbacks import FeedLossAndHorizon
+from keras_lopt.optimizers import Celo
 from keras_lopt.optimizers import Celo2
 from keras_lopt.optimizers import Celo2Base
 from keras_lopt.rules import celo2
@@ -93,11 +95,43 @@ def test_config_round_trip_with_custom_weights():
     serialized = keras.optimizers.serialize(opt)
     again = keras.optimizers.deserialize(serialized)
     assert isinstance(again, Celo2)
-    # The config carries the numbers, so it does not depend on shipped files.
-    shipped = Celo2()
-    restored = Celo2.from_config(shipped.get_config())
-    for k in shipped.theta:
-        np.testing.assert_array_equal(restored.theta[k], shipped.theta[k])
+    # Custom weights travel as numbers in the config, never as a path.
+    assert isinstance(config["weights"], dict)
+
+
+@pytest.mark.parametrize("cls,name", [(Celo2, "celo2"), (Celo2Base, "celo2_base"), (Celo, "celo")])
+def test_shipped_weights_travel_by_version_and_names_resolve(cls, name, tmp_path):
+    """Shipped weights are named by their immutable version in the config
+    (Celo's 37k meta-weights once made 800 KB configs); the optimizers
+    resolve by name like Keras's own, and a saved model stays small."""
+    import json
+
+    from keras_lopt.rules import theta as theta_lib
+
+    for weights, version in [(None, theta_lib.DEFAULT_VERSION[name]),
+                             (theta_lib.SHIPPED[name][0], theta_lib.SHIPPED[name][0])]:
+        opt = cls(weights=weights)
+        config = opt.get_config()
+        assert config["weights"] == version
+        assert len(json.dumps(keras.optimizers.serialize(opt))) < 4000
+        clone = keras.optimizers.deserialize(json.loads(json.dumps(keras.optimizers.serialize(opt))))
+        assert type(clone) is cls
+        for k in opt.theta:
+            np.testing.assert_array_equal(clone.theta[k], opt.theta[k])
+    for identifier in (name, cls.__name__):
+        assert type(keras.optimizers.get(identifier)) is cls
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), keras.layers.Dense(8),
+                              keras.layers.Dense(2)])
+    model.compile(optimizer=name, loss="mse")
+    assert type(model.optimizer) is cls
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    callbacks = [FeedLossAndHorizon()] if cls is Celo else []
+    model.fit(x, x[:, :2], epochs=1, batch_size=8, verbose=0, callbacks=callbacks)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    assert os.path.getsize(path) < 100_000
+    restored = keras.models.load_model(path)
+    assert type(restored.optimizer) is cls
 
 
 def test_routing_embeddings_biases_and_excluded_layers():
