@@ -197,3 +197,20 @@ def test_command_line_help_and_version_on_every_backend(backend):
     text = "".join(proc.stdout.split())  # argparse wraps even inside words
     assert "(default:8)" in text and "(default:digits_deep_mlp," in text
     assert "(default:None)" not in text
+
+
+def test_packaging_metadata_is_consistent():
+    """The torch extra and `make install` pin the same CPU wheel; the
+    license the metadata names ships as a file."""
+    import re
+    import tomllib
+
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    with open(os.path.join(REPO_ROOT, "Makefile")) as f:
+        make_pin = re.search(r"^TORCH_PIN \?= (\S+)$", f.read(), re.M).group(1)
+    assert project["optional-dependencies"]["torch"] == [make_pin]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    with open(os.path.join(REPO_ROOT, "LICENSE")) as f:
+        assert "Apache License" in f.readline() + f.readline()
+    assert "matplotlib" in project["optional-dependencies"]["meta"]
