@@ -12,7 +12,8 @@ Public helpers:
 * `jit_when_eager(fn)`: compile a pure function as a whole where JAX would
   run it op by op.
 
-The others serve the optimizers (`densify`, `compiles_elementwise_fusions`,
+The others serve the optimizers (`densify`, `no_grad`,
+`grouped_updates_allowed`, `compiles_elementwise_fusions`,
 `means`, `jax_train_step_feeding_loss`) and the sequence kernels
 (`rematerialize`, `scan`).
 """
@@ -35,6 +36,35 @@ def densify(gradient):
 
         return tf.convert_to_tensor(gradient)
     return gradient
+
+
+def no_grad():
+    """A context without autograd recording (torch); nothing elsewhere.
+
+    Keras' torch optimizer runs its per-variable updates under
+    `torch.no_grad`; the grouped update must too, or eager torch records a
+    graph through every stacked state.
+    """
+    if backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def grouped_updates_allowed():
+    """Whether an optimizer may update variables in groups.
+
+    Not inside a `tf.distribute` strategy, whose per-variable
+    `extended.update` the TensorFlow optimizer must go through.
+    """
+    if backend.backend() != "tensorflow":
+        return True
+    import tensorflow as tf
+
+    return not tf.distribute.has_strategy()
 
 
 def compiles_elementwise_fusions(x):

@@ -8,6 +8,8 @@ from keras import ops
 from keras import optimizers
 
 from keras_lopt.backend import densify
+from keras_lopt.backend import grouped_updates_allowed
+from keras_lopt.backend import no_grad
 from keras_lopt.rules import routing as routing_lib
 from keras_lopt.rules import theta as theta_lib
 
@@ -83,6 +85,9 @@ class LearnedOptimizer(optimizers.Optimizer):
     """
 
     rule = None
+    # Whether the branches take `batch_axes=1` (a stack of equally shaped,
+    # equally routed variables in one call; see `_backend_update_step`).
+    groups_variables = False
 
     def __init__(self, learning_rate, weights=None, routing="deployment", name=None, **kwargs):
         # Every other argument (weight_decay, clipnorm, use_ema, ...) is the
@@ -221,6 +226,64 @@ class LearnedOptimizer(optimizers.Optimizer):
             self.assign(slot, new_state[key])
         new_value = routing_lib.unview(new_value, variable.shape)
         self.assign(variable, ops.cast(new_value, variable.dtype))
+
+    def _update_groups(self, variables):
+        """Lists of variable indices updated together: same branch, same
+        working shape, dtype and weight decay."""
+        groups = {}
+        for variable in variables:
+            index = self._get_variable_index(variable)
+            route = self._routes[index]
+            if route is None:
+                continue
+            key = (route.branch, tuple(route.shape), str(variable.dtype),
+                   float(self._decay(variable)))
+            groups.setdefault(key, []).append(index)
+        return list(groups.values())
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # The rule is traced (and on JAX and TensorFlow compiled) once per
+        # group instead of once per variable: a GPT-2 block's q, k, v and o
+        # matrices are one call. Each variable's step is exactly its own
+        # (the rules' `batch_axes`), state stays per variable, so configs,
+        # checkpoints and `update_step` are unchanged.
+        if not self.groups_variables or not grouped_updates_allowed():
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        by_index = {self._get_variable_index(v): (g, v) for g, v in zip(grads, trainable_variables)}
+        with no_grad():
+            for group in self._update_groups(trainable_variables):
+                if len(group) == 1:
+                    gradient, variable = by_index[group[0]]
+                    self.update_step(gradient, variable, learning_rate)
+                else:
+                    self._group_update_step([by_index[i] for i in group], group, learning_rate)
+
+    def _group_update_step(self, pairs, indices, learning_rate):
+        route = self._routes[indices[0]]
+        variables = [v for _, v in pairs]
+        gradient = ops.stack([routing_lib.view(densify(g), route) for g, _ in pairs])
+        param = ops.stack([routing_lib.view(v.value, route) for v in variables])
+        axes = self._stack_axes(route)
+        slots = [self._states[i] for i in indices]
+        state = {
+            key: ops.stack([_values(s)[key] for s in slots], axis=axes.get(key, 0))
+            for key in slots[0]
+        }
+        branch = self._rule_update if route.branch == routing_lib.RULE else self._adam_update
+        new_param, new_state = branch(
+            state, gradient, param, ops.cast(learning_rate, "float32"),
+            self._decay(variables[0]), indices[0], batch_axes=1,
+        )
+        new_state = {k: ops.unstack(v, axis=axes.get(k, 0)) for k, v in new_state.items()}
+        for j, (variable, value, slot) in enumerate(zip(variables, ops.unstack(new_param), slots)):
+            for key, tensor in slot.items():
+                self.assign(tensor, new_state[key][j])
+            value = routing_lib.unview(value, variable.shape)
+            self.assign(variable, ops.cast(value, variable.dtype))
+
+    def _stack_axes(self, route):
+        """The axis each state entry of `route`'s branch stacks along."""
+        return {}
 
     def _rule_update(self, state, gradient, param, learning_rate, weight_decay, index):
         """`(new_param, new_state)` of the learned rule for one variable."""

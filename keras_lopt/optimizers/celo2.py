@@ -11,10 +11,12 @@ from keras_lopt.rules import celo2
 from keras_lopt.rules import routing as routing_lib
 
 # Compiled whole where JAX would run them op by op (`optimizer.apply` eagerly).
-_celo2_update = jit_when_eager(celo2.update, static_argnames=("weight_decay", "orthogonalize"))
+_celo2_update = jit_when_eager(
+    celo2.update, static_argnames=("weight_decay", "orthogonalize", "batch_axes"))
 _adam_update = jit_when_eager(
     adam.update,
-    static_argnames=("weight_decay", "beta_1", "beta_2", "epsilon", "bias_correction"),
+    static_argnames=("weight_decay", "beta_1", "beta_2", "epsilon", "bias_correction",
+                     "batch_axes"),
 )
 
 
@@ -71,6 +73,7 @@ class Celo2Base(LearnedOptimizer):
     """
 
     rule = "celo2_base"
+    groups_variables = True
 
     def __init__(self, learning_rate=0.001, weights=None, weight_decay=None,
                  total_steps=None, routing="deployment", **kwargs):
@@ -80,11 +83,15 @@ class Celo2Base(LearnedOptimizer):
         )
         self.total_steps = total_steps
 
-    def _rule_update(self, state, gradient, param, learning_rate, weight_decay, index):
+    def _rule_update(self, state, gradient, param, learning_rate, weight_decay, index,
+                     batch_axes=0):
         return _celo2_update(
             self._theta(), state, gradient, param, learning_rate,
-            weight_decay=weight_decay, orthogonalize=False,
+            weight_decay=weight_decay, orthogonalize=False, batch_axes=batch_axes,
         )
+
+    def _stack_axes(self, route):
+        return celo2.STACK_AXIS
 
     def get_config(self):
         config = super().get_config()
@@ -167,6 +174,7 @@ class Celo2(LearnedOptimizer):
     """
 
     rule = "celo2"
+    groups_variables = True
 
     def __init__(
         self,
@@ -206,13 +214,18 @@ class Celo2(LearnedOptimizer):
             "exclude_embeddings": self.exclude_embeddings,
         }
 
-    def _rule_update(self, state, gradient, param, learning_rate, weight_decay, index):
+    def _rule_update(self, state, gradient, param, learning_rate, weight_decay, index,
+                     batch_axes=0):
         return _celo2_update(
             self._theta(), state, gradient, param, learning_rate,
-            weight_decay=weight_decay, orthogonalize=True,
+            weight_decay=weight_decay, orthogonalize=True, batch_axes=batch_axes,
         )
 
-    def _adam_update(self, state, gradient, param, learning_rate, weight_decay, index):
+    def _stack_axes(self, route):
+        return celo2.STACK_AXIS if route.branch == routing_lib.RULE else {}
+
+    def _adam_update(self, state, gradient, param, learning_rate, weight_decay, index,
+                     batch_axes=0):
         return _adam_update(
             state,
             gradient,
@@ -224,6 +237,7 @@ class Celo2(LearnedOptimizer):
             beta_2=self.adam_beta_2,
             epsilon=self.adam_epsilon,
             bias_correction=self.adam_bias_correction,
+            batch_axes=batch_axes,
         )
 
     def get_config(self):

@@ -55,17 +55,18 @@ def apply_step(param, step, learning_rate, weight_decay=0.0):
 
 
 def update(state, gradient, param, learning_rate, iteration, weight_decay=0.0,
-           beta_1=0.9, beta_2=0.95, epsilon=1e-8, bias_correction=False):
+           beta_1=0.9, beta_2=0.95, epsilon=1e-8, bias_correction=False, batch_axes=0):
     """One guarded Adam update of one tensor: `(new_param, new_state)`.
 
     A gradient with any non-finite entry leaves parameter and state as they
-    were (`guard.if_finite`). The new parameter is float32.
+    were (`guard.if_finite`). The new parameter is float32. With
+    `batch_axes=1`, axis 0 stacks independent tensors, each guarded alone.
     """
 
-    def step():
+    def step(gradient):
         direction, new_state = adam_step(
             state, gradient, iteration, beta_1, beta_2, epsilon, bias_correction
         )
         return apply_step(param, direction, learning_rate, weight_decay), new_state
 
-    return if_finite(gradient, step, param, state)
+    return if_finite(gradient, step, param, state, batch_axes=batch_axes)

@@ -135,7 +135,7 @@ def update(mlp, state, gradient, param, scale, loss_ok=None, weight_decay=0.0):
     entry, or `loss_ok` false, leaves parameter and state as they were.
     """
 
-    def step():
+    def step(gradient):
         delta, new_state = celo_step(mlp, state, gradient, param)
         p = ops.cast(param, "float32")
         if weight_decay:

@@ -45,17 +45,23 @@ def working_shape(shape):
     return shape if shape else (1,)
 
 
-def factored_dims(shape):
+def factored_dims(shape, batch_axes=0):
     """`(d0, d1)`: the largest and second-largest axes (stable argsort).
 
     Returns `None` for tensors of rank < 2, which keep unfactored
-    accumulators.
+    accumulators. The first `batch_axes` axes stack independent tensors
+    (see `update`): the axes are chosen within one tensor's shape.
     """
-    shape = working_shape(shape)
+    shape = working_shape(tuple(shape)[batch_axes:])
     if len(shape) < 2:
         return None
     order = np.argsort(np.asarray(shape), kind="stable")
-    return int(order[-1]), int(order[-2])
+    return int(order[-1]) + batch_axes, int(order[-2]) + batch_axes
+
+
+# Where a group of tensors stacks each accumulator (`update(batch_axes=1)`):
+# the decay channel stays first.
+STACK_AXIS = {"mom": 1, "rms": 0, "v_diag": 1, "v_row": 1, "v_col": 1}
 
 
 def state_shapes(shape):
@@ -164,6 +170,7 @@ def learned_mlp(
     norm_axes,
     norm_eps,
     full_width_unfactored,
+    batch_axes=0,
 ):
     """Accumulators, features and the per-element MLP shared by Celo and Celo2.
 
@@ -180,6 +187,7 @@ def learned_mlp(
         full_width_unfactored: give rank-0/1 tensors feature groups 9-13
             built from their full accumulators (Celo) instead of dropping
             them (Celo2).
+        batch_axes: leading axes that stack independent tensors.
 
     Returns:
         `(outputs, new_state)`: one tensor per requested column.
@@ -213,7 +221,7 @@ def learned_mlp(
     elem_sq += [mom2[i] * inv_v for i in range(3)]
     elem += [rho]
     elem_sq += [inv_v]
-    dims = factored_dims(ws)
+    dims = factored_dims(ws, batch_axes)
     bcast = []
     if dims is None:
         v_diag = fac_decay * state["v_diag"] + (1.0 - fac_decay) * q3
@@ -293,7 +301,11 @@ def learned_mlp(
     return outputs, new_state
 
 
-def celo2_step(theta, state, grad, param, orthogonalize=True):
+def _batched_working_shape(shape, batch_axes):
+    return tuple(shape[:batch_axes]) + working_shape(shape[batch_axes:])
+
+
+def celo2_step(theta, state, grad, param, orthogonalize=True, batch_axes=0):
     """One Celo2 step for one tensor.
 
     Args:
@@ -303,6 +315,9 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
         param: the current parameter value.
         orthogonalize: apply Newton-Schulz to tensors of rank >= 2 (Celo2);
             `False` gives Celo2-base.
+        batch_axes: `1` when `grad` and `param` stack equally shaped,
+            independent tensors along axis 0 (and `state` along
+            `STACK_AXIS`): each gets exactly its own step.
 
     Returns:
         `(step, new_state)`: `step` has the parameter's shape, float32 and
@@ -310,8 +325,8 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
         `param - lr * step` (plus decoupled weight decay).
     """
     shape = tuple(grad.shape)
-    ws = working_shape(shape)
-    rank = len(ws)
+    ws = _batched_working_shape(shape, batch_axes)
+    rank = len(ws) - batch_axes
     axes = _norm_axes(rank)
     g = ops.reshape(ops.cast(grad, "float32"), ws)
     p = ops.reshape(ops.cast(param, "float32"), ws)
@@ -327,6 +342,7 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
         norm_axes=axes,
         norm_eps=1e-9,
         full_width_unfactored=False,
+        batch_axes=batch_axes,
     )
     if orthogonalize and rank >= 2:
         direction = newton_schulz(direction)
@@ -335,7 +351,7 @@ def celo2_step(theta, state, grad, param, orthogonalize=True):
 
 
 def update(theta, state, gradient, param, learning_rate, weight_decay=0.0,
-           orthogonalize=True):
+           orthogonalize=True, batch_axes=0):
     """One guarded Celo2 update of one tensor: `(new_param, new_state)`.
 
     `param - lr * step - lr * weight_decay * param` with `step` from
@@ -343,10 +359,12 @@ def update(theta, state, gradient, param, learning_rate, weight_decay=0.0,
     state as they were. The new parameter is float32.
     """
 
-    def step():
+    def step(gradient):
         direction, new_state = celo2_step(
-            theta, state, gradient, param, orthogonalize=orthogonalize
+            theta, state, gradient, param, orthogonalize=orthogonalize,
+            batch_axes=batch_axes,
         )
         return apply_step(param, direction, learning_rate, weight_decay), new_state
 
-    return if_finite(gradient, step, param, state)
+    return if_finite(gradient, step, param, state, batch_axes=batch_axes,
+                     stack_axis=STACK_AXIS)
