@@ -87,7 +87,11 @@ class LearnedOptimizer(optimizers.Optimizer):
     rule = None
     # Whether the branches take `batch_axes=1` (a stack of equally shaped,
     # equally routed variables in one call; see `_backend_update_step`).
-    groups_variables = False
+    supports_groups = False
+    # None: group where the backend gains from it (`backend.
+    # grouped_updates_allowed`); True / False: always / never (tests,
+    # benchmarks).
+    group_updates = None
 
     def __init__(self, learning_rate, weights=None, routing="deployment", name=None, **kwargs):
         # Every other argument (weight_decay, clipnorm, use_ema, ...) is the
@@ -247,7 +251,8 @@ class LearnedOptimizer(optimizers.Optimizer):
         # matrices are one call. Each variable's step is exactly its own
         # (the rules' `batch_axes`), state stays per variable, so configs,
         # checkpoints and `update_step` are unchanged.
-        if not self.groups_variables or not grouped_updates_allowed():
+        allowed = grouped_updates_allowed(prefer=self.group_updates)
+        if not self.supports_groups or not allowed:
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         by_index = {self._get_variable_index(v): (g, v) for g, v in zip(grads, trainable_variables)}
         with no_grad():

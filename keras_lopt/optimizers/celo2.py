@@ -73,7 +73,7 @@ class Celo2Base(LearnedOptimizer):
     """
 
     rule = "celo2_base"
-    groups_variables = True
+    supports_groups = True
 
     def __init__(self, learning_rate=0.001, weights=None, weight_decay=None,
                  total_steps=None, routing="deployment", **kwargs):
@@ -174,7 +174,7 @@ class Celo2(LearnedOptimizer):
     """
 
     rule = "celo2"
-    groups_variables = True
+    supports_groups = True
 
     def __init__(
         self,

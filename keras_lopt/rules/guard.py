@@ -16,8 +16,9 @@ def if_finite(gradient, update, param, state, also=None, batch_axes=0, stack_axi
     With `batch_axes=1`, axis 0 stacks independent tensors (a group of
     equally shaped variables updated in one call), and the guard holds for
     each of them: a tensor with a non-finite gradient keeps its value and
-    state while the others update. Its gradient is zeroed first so that it
-    cannot spread through the shared computation. `stack_axis` names the
+    state while the others update (its gradient is zeroed first so that it
+    cannot spread through the shared computation; only this rare branch
+    pays for the per-tensor selects). `stack_axis` names the
     axis each state entry stacks along (default 0).
     """
     if not batch_axes:
@@ -39,8 +40,12 @@ def if_finite(gradient, update, param, state, also=None, batch_axes=0, stack_axi
         shape[axis] = -1
         return ops.where(ops.reshape(ok, shape), new, old)
 
-    new_param, new_state = update(ops.where(finite, gradient, ops.zeros_like(gradient)))
-    new_param = select(0, new_param, ops.cast(param, "float32"))
-    axes = stack_axis or {}
-    new_state = {k: select(axes.get(k, 0), v, state[k]) for k, v in new_state.items()}
-    return new_param, new_state
+    def some_finite():
+        new_param, new_state = update(ops.where(finite, gradient, ops.zeros_like(gradient)))
+        new_param = select(0, new_param, ops.cast(param, "float32"))
+        axes = stack_axis or {}
+        return new_param, {k: select(axes.get(k, 0), v, state[k]) for k, v in new_state.items()}
+
+    # The common case without the selects, which would cost XLA its fusion
+    # (see above): the group's step was 1.3-1.6x the per-variable steps'.
+    return ops.cond(ops.all(ok), lambda: update(gradient), some_finite)

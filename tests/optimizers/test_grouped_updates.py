@@ -1,6 +1,7 @@
 """Grouped updates: equally shaped, equally routed variables are updated in
 one call (the rule is traced once per group, not once per variable), and
-each variable's step is exactly the one it would get alone."""
+each variable's step is exactly the one it would get alone. Forced on here
+(`group_updates=True`): by default JAX updates per variable."""
 
 import keras
 import numpy as np
@@ -37,7 +38,7 @@ def test_grouped_update_equals_per_variable_updates(cls):
     for grouped in (True, False):
         model = _model()
         optimizer = cls(weight_decay=0.1).attach(model)
-        optimizer.groups_variables = grouped
+        optimizer.group_updates = grouped
         variables = model.trainable_variables
         for step in range(4):
             # Step 2 gives h2's kernel (one of a group of three) a NaN: it
@@ -80,9 +81,16 @@ def test_fit_with_groups_matches_per_variable_fit():
     for grouped in (True, False):
         model = _model()
         optimizer = Celo2(total_steps=8)
-        optimizer.groups_variables = grouped
+        optimizer.group_updates = grouped
         model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
         model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
         results.append([ops.convert_to_numpy(v) for v in model.trainable_variables])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_default_grouping_per_backend():
+    from keras_lopt.backend import grouped_updates_allowed
+
+    assert grouped_updates_allowed() == (keras.backend.backend() != "jax")
+    assert grouped_updates_allowed(prefer=True) and not grouped_updates_allowed(prefer=False)
