@@ -51,7 +51,7 @@ class Celo2Base(LearnedOptimizer):
             schedule. Defaults to `1e-3` (the rule was meta-trained at a
             constant `1e-3`).
         weights: meta-weights: `None` for keras-lopt's default shipped
-            version, a shipped version's name (`"celo2-v1"`, `"celo2-v2"`;
+            version, a shipped version's name (`"celo2-v1"`, `"celo2-v2"`, `"celo2-v3"`;
             `keras_lopt.rules.theta.SHIPPED`, each file records its
             provenance), a path to a `.npz` (keras-lopt format) or `.state`
             (the authors' flax format) file, or a dict of arrays.
