@@ -29,6 +29,18 @@ batch 32, trained on this repository's own text) with Celo2 and with AdamW:
 the median time between consecutive `on_train_batch_end` calls (the loss is
 read back each step, so asynchronous dispatch cannot hide work).
 
+`--fit-block` times the path users run, `model.compile(optimizer=...)` with
+Keras's default compile settings and `train_on_batch`, on a GPT-2-small MLP
+block (768 -> 3072 -> 768, GELU) between an input and an output projection
+(768 x 768, which the deployment routing gives to Adam), batch 8; every
+optimizer at its defaults, interleaved rounds, medians.
+
+`--first-step` times the first `train_on_batch` (trace + compile + one step)
+of fresh tiny models, each optimizer at its defaults: a keras-hub
+`GPT2Backbone` (2 layers, width 64, 38 variables; skipped without
+keras-hub) and `keras_lopt.models.TransformerLM` (2 layers, width 64), with
+the issue's target: Celo2 <= 2x AdamW + 5 s.
+
 The markdown tables go to stdout and are appended to
 `benchmarks/results/optimizer_speed_<backend>.md` (`--no-save` to skip).
 
@@ -44,6 +56,8 @@ Commands (from the repository root, as a module of the `benchmarks` package):
     KERAS_BACKEND=jax        .venv/bin/python -m benchmarks.optimizer_speed --only-variable-count --variable-count 10 200
     # smoke test: matrices 4x smaller, 3 rounds, nothing saved
     KERAS_BACKEND=jax        .venv/bin/python -m benchmarks.optimizer_speed --quick --fit-lm --no-save
+    # what a user's fit step and first step cost, every backend
+    KERAS_BACKEND=torch      .venv/bin/python -m benchmarks.optimizer_speed --only-fit --fit-block --first-step
 """
 
 import argparse
@@ -478,6 +492,114 @@ def format_fit_table(runs):
 
 
 # --------------------------------------------------------------------------
+# What users run: compile + train_on_batch
+# --------------------------------------------------------------------------
+
+FIT_OPTIMIZERS = {
+    "AdamW": lambda: keras.optimizers.AdamW(),
+    "Muon": lambda: keras.optimizers.Muon(),
+    "Celo2": lambda: keras_lopt.optimizers.Celo2(),
+    "Celo2Base": lambda: keras_lopt.optimizers.Celo2Base(),
+}
+FIT_TARGETS = {"Celo2": ("Muon", 1.25), "Celo2Base": ("AdamW", 3.0)}
+
+
+def mlp_block_model():
+    return keras.Sequential([
+        keras.Input((768,)),
+        keras.layers.Dense(768, name="input_projection"),
+        keras.layers.Dense(3072, activation="gelu", name="mlp_up"),
+        keras.layers.Dense(768, name="mlp_down"),
+        keras.layers.Dense(768, name="output_projection"),
+    ])
+
+
+def bench_fit_block(repeats, warmup, batch=8):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 768)).astype("float32")
+    y = rng.standard_normal((batch, 768)).astype("float32")
+    models, times, first = {}, {}, {}
+    for name, factory in FIT_OPTIMIZERS.items():
+        keras.utils.set_random_seed(0)
+        model = mlp_block_model()
+        model.compile(optimizer=factory(), loss="mse")
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        first[name] = time.perf_counter() - start
+        for _ in range(warmup):
+            model.train_on_batch(x, y)
+        models[name], times[name] = model, []
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            float(model.train_on_batch(x, y))  # the loss read back: the step finished
+            times[name].append(time.perf_counter() - start)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    lines = ["| optimizer | ms/step (median) | x AdamW | x Muon | target | first step (s) |",
+             "|---|---:|---:|---:|---|---:|"]
+    for name in FIT_OPTIMIZERS:
+        target = ""
+        if name in FIT_TARGETS:
+            ref, limit = FIT_TARGETS[name]
+            met = ms[name] / ms[ref] <= limit
+            target = f"<= {limit}x {ref}: {'met' if met else 'NOT met'}"
+        lines.append(f"| {name} | {ms[name]:.1f} | {ms[name] / ms['AdamW']:.2f} "
+                     f"| {ms[name] / ms['Muon']:.2f} | {target} | {first[name]:.1f} |")
+    return "\n".join(lines)
+
+
+def _first_step_models():
+    models = []
+    try:
+        import keras_hub
+    except ImportError:
+        keras_hub = None
+    if keras_hub is not None:
+        def gpt2():
+            backbone = keras_hub.models.GPT2Backbone(
+                vocabulary_size=256, num_layers=2, num_heads=2, hidden_dim=64,
+                intermediate_dim=128, max_sequence_length=32)
+            inputs = {"token_ids": keras.Input((None,), dtype="int32", name="token_ids"),
+                      "padding_mask": keras.Input((None,), dtype="int32", name="padding_mask")}
+            return keras.Model(inputs, keras.layers.Dense(256)(backbone(inputs)))
+
+        def gpt2_data(ids):
+            return {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+
+        models.append(("keras-hub GPT2Backbone (tiny)", gpt2, gpt2_data))
+    models.append(("keras_lopt.models.TransformerLM (tiny)",
+                   lambda: keras_lopt.models.TransformerLM(
+                       256, 2, 64, mixer_config={"num_heads": 2, "key_dim": 32}),
+                   lambda ids: ids))
+    return models
+
+
+def bench_first_step():
+    ids = np.random.default_rng(0).integers(0, 256, (8, 32)).astype("int32")
+    lines = ["| model | variables | " + " | ".join(f"{n} (s)" for n in FIT_OPTIMIZERS)
+             + " | Celo2 target: <= 2x AdamW + 5 s |",
+             "|---|---:|" + "---:|" * len(FIT_OPTIMIZERS) + "---|"]
+    for title, build, data in _first_step_models():
+        seconds = {}
+        for name, factory in FIT_OPTIMIZERS.items():
+            keras.utils.set_random_seed(0)
+            model = build()
+            model.compile(optimizer=factory(),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            start = time.perf_counter()
+            model.train_on_batch(data(ids), ids)
+            seconds[name] = time.perf_counter() - start
+            count = len(model.trainable_variables)
+            print(f"  first step {title} {name}: {seconds[name]:.1f}s", file=sys.stderr)
+        limit = 2 * seconds["AdamW"] + 5
+        met = "met" if seconds["Celo2"] <= limit else "NOT met"
+        lines.append(f"| {title} | {count} | "
+                     + " | ".join(f"{seconds[n]:.1f}" for n in FIT_OPTIMIZERS)
+                     + f" | {limit:.1f} s: {met} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
 
 
 def code_version():
@@ -518,6 +640,12 @@ def main():
                              "variables for each N given (e.g. 10 200)")
     parser.add_argument("--only-variable-count", action="store_true",
                         help="skip the GPT-2 block table")
+    parser.add_argument("--fit-block", action="store_true",
+                        help="also time compile + train_on_batch on a GPT-2-small MLP block")
+    parser.add_argument("--first-step", action="store_true",
+                        help="also time the first train_on_batch of tiny GPT-2 / TransformerLM")
+    parser.add_argument("--only-fit", action="store_true",
+                        help="skip the isolated optimizer-step table")
     parser.add_argument("--fit-rounds", type=int, default=3)
     parser.add_argument("--fit-steps", type=int, default=8,
                         help="train steps per round and model (first one untimed)")
@@ -554,7 +682,7 @@ def main():
         code_version() + ".",
     ]
     sections = []
-    for mode in [] if args.only_variable_count else modes:
+    for mode in [] if (args.only_variable_count or args.only_fit) else modes:
         print(f"[{BACKEND}] optimizer step, {mode_titles[mode]} ...", file=sys.stderr)
         specs, param_bytes, rows = bench_steps(mode, scale, args.repeats, args.warmup)
         shapes = ", ".join(str(s) for _, s in specs[:4])
@@ -586,6 +714,25 @@ def main():
             f"{LAYERS} layers, seq {SEQ_LEN}, batch {BATCH})",
             "",
             format_fit_table(runs),
+        ]
+        print("\n".join(sections[-4:]) + "\n", flush=True)
+    if args.fit_block:
+        print(f"[{BACKEND}] compile + train_on_batch, MLP block ...", file=sys.stderr)
+        sections += [
+            "",
+            "### model.compile(optimizer) + train_on_batch: GPT-2-small MLP block "
+            "(768 -> 3072 -> 768) between 768 x 768 input and output projections, batch 8",
+            "",
+            bench_fit_block(args.repeats, args.warmup),
+        ]
+        print("\n".join(sections[-4:]) + "\n", flush=True)
+    if args.first_step:
+        print(f"[{BACKEND}] first train_on_batch ...", file=sys.stderr)
+        sections += [
+            "",
+            "### First train_on_batch (trace + compile + one step), fresh tiny models",
+            "",
+            bench_first_step(),
         ]
         print("\n".join(sections[-4:]) + "\n", flush=True)
     load = os.getloadavg()
