@@ -13,7 +13,7 @@ Public helpers:
   run it op by op.
 
 The others serve the optimizers (`densify`, `no_grad`,
-`grouped_updates_allowed`, `compiles_elementwise_fusions`,
+`grouped_updates_allowed`, `derived_layout`, `compiles_elementwise_fusions`,
 `means`, `jax_train_step_feeding_loss`) and the sequence kernels
 (`rematerialize`, `scan`).
 """
@@ -73,6 +73,46 @@ def grouped_updates_allowed(prefer=None):
     if prefer is not None:
         return bool(prefer)
     return backend.backend() != "jax"
+
+
+def derived_layout(layout, groups):
+    """The layout of a tensor whose axes run along `groups` of the axes of
+    a tensor laid out as `layout` (see `routing.state_axes`); `None` where
+    `layout` is `None` (no distribution, or a backend without layouts).
+
+    A state axis takes its tensor axis's sharding; one that merges
+    contiguous axes takes the outermost one's when the others are whole on
+    every device (an outer axis cut in blocks cuts the merged axis in
+    blocks), else it is replicated, as is an axis of the state's own.
+    `layout` is a `keras.distribution.TensorLayout` or, on JAX, a
+    `NamedSharding`.
+    """
+    if layout is None:
+        return None
+    from keras import distribution
+
+    if isinstance(layout, distribution.TensorLayout):
+        axes = tuple(layout.axes)
+
+        def rebuild(spec):
+            return distribution.TensorLayout(spec, layout.device_mesh)
+    elif backend.backend() == "jax" and hasattr(layout, "spec") and hasattr(layout, "mesh"):
+        import jax
+
+        axes = tuple(layout.spec)
+
+        def rebuild(spec):
+            return jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec(*spec))
+    else:
+        return None
+
+    def sharding(group):
+        names = [axes[i] if i < len(axes) else None for i in group]
+        if names and names[0] is not None and all(n is None for n in names[1:]):
+            return names[0]
+        return None
+
+    return rebuild([sharding(group) for group in groups])
 
 
 def compiles_elementwise_fusions(x):

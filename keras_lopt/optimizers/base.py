@@ -8,6 +8,7 @@ from keras import ops
 from keras import optimizers
 
 from keras_lopt.backend import densify
+from keras_lopt.backend import derived_layout
 from keras_lopt.backend import grouped_updates_allowed
 from keras_lopt.backend import no_grad
 from keras_lopt.rules import routing as routing_lib
@@ -187,10 +188,20 @@ class LearnedOptimizer(optimizers.Optimizer):
             if route.branch == routing_lib.ADAM:
                 prefix += "_adam"
             self._routes[index] = route
+            # State laid out like its variable: under a ModelParallel
+            # distribution a sharded kernel's state is sharded alike, not
+            # replicated on every device.
+            layout = getattr(var, "_layout", None)
+            axes = routing_lib.state_axes(route, var.shape)
             self._states[index] = {
-                key: self.add_variable(shape, dtype="float32", name=f"{prefix}_{key}")
+                key: self._add_state(shape, f"{prefix}_{key}", derived_layout(layout, axes[key]))
                 for key, shape in routing_lib.state_shapes(route).items()
             }
+
+    def _add_state(self, shape, name, layout):
+        if layout is None:  # older Keras has no `layout` argument
+            return self.add_variable(shape, dtype="float32", name=name)
+        return self.add_variable(shape, dtype="float32", name=name, layout=layout)
 
     def _theta(self):
         # Graph backends (jax tracing, tf.function) must create the constants

@@ -15,6 +15,12 @@ def state_shapes(shape):
     return {"m": shape, "v": shape}
 
 
+def state_axes(shape):
+    """The parameter axis each axis of each state entry runs along."""
+    axes = tuple(range(len(tuple(shape))))
+    return {"m": axes, "v": axes}
+
+
 def adam_step(state, grad, iteration, beta_1=0.9, beta_2=0.95, epsilon=1e-8,
               bias_correction=False):
     """One Adam direction. Gradients are not clipped.

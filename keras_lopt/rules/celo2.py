@@ -83,6 +83,25 @@ def state_shapes(shape):
     return shapes
 
 
+def state_axes(shape):
+    """For each entry of `state_shapes(shape)`: the parameter axis each of
+    its axes runs along (`None`: an axis of its own, the decay channels).
+
+    Lets a driver lay out the state like its parameter (sharding).
+    """
+    rank = len(tuple(shape))
+    own = tuple(range(rank)) if rank else (None,)
+    axes = {"mom": (None,) + own, "rms": own}
+    dims = factored_dims(shape)
+    if dims is None:
+        axes["v_diag"] = (None,) + own
+    else:
+        d0, d1 = dims
+        axes["v_row"] = (None,) + tuple(a for a in own if a != d0)
+        axes["v_col"] = (None,) + tuple(a for a in own if a != d1)
+    return axes
+
+
 def init_state(shape):
     """All-zero float32 state for a parameter of `shape`."""
     return {k: ops.zeros(s, "float32") for k, s in state_shapes(shape).items()}

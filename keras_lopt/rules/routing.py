@@ -469,6 +469,41 @@ def state_shapes(route):
     return adam.state_shapes(route.shape)
 
 
+def state_axes(route, shape):
+    """How each state entry of `route` lies along a tensor of `shape`.
+
+    `{name: groups}`, one group per state axis: the tuple of the tensor's
+    axes that state axis runs along (several where the view merges
+    contiguous axes, as a conv kernel's `(*k, cin)`; `()` for an axis of
+    the state's own, the decay channels). Drivers lay out state like its
+    tensor from this (`keras_lopt.backend.derived_layout`): under
+    `keras.distribution.ModelParallel` a sharded kernel gets sharded state.
+    """
+    merged = _merged_axes(tuple(int(d) for d in shape), route.shape)
+    own = celo2.state_axes(route.shape) if route.branch == RULE else adam.state_axes(route.shape)
+    return {
+        key: tuple(() if a is None or merged is None else merged[a] for a in axes)
+        for key, axes in own.items()
+    }
+
+
+def _merged_axes(shape, view_shape):
+    """For each axis of `view_shape`, the contiguous axes of `shape` it
+    merges; `None` when the view is not such a merge."""
+    groups, i = [], 0
+    for size in view_shape:
+        group, product = [], 1
+        while i < len(shape) and product * shape[i] <= size and \
+                (product < size or shape[i] == 1):
+            group.append(i)
+            product *= shape[i]
+            i += 1
+        if product != size:
+            return None
+        groups.append(tuple(group))
+    return groups if all(d == 1 for d in shape[i:]) else None
+
+
 def view(x, route):
     """`x` in the shape its branch computes on."""
     return x if tuple(x.shape) == route.shape else ops.reshape(x, route.shape)

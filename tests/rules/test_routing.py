@@ -328,3 +328,42 @@ def test_meta_trainer_and_optimizer_route_every_family_alike():
             assert trainer._routes(family) == optimizer._routes, (rule, family.name)
     conv = trainer._routes(families[0])
     assert (5 * 1, 8) in [r.shape for r in conv] and (3 * 8, 8) in [r.shape for r in conv]
+
+
+def test_state_axes_follow_the_tensor_through_its_view():
+    rule = routing.RULE
+    # A conv kernel (3, 3, 16, 32) is the (144, 32) matrix: the state's
+    # rows merge the kernel's first three axes; the decay channels are the
+    # state's own. Celo2 factors along the larger axis (rows, 144).
+    conv = routing.state_axes(routing.Route(rule, (144, 32)), (3, 3, 16, 32))
+    assert conv["rms"] == ((0, 1, 2), (3,))
+    assert conv["mom"] == ((), (0, 1, 2), (3,))
+    assert conv["v_row"] == ((), (3,)) and conv["v_col"] == ((), (0, 1, 2))
+    # 1x1 convs and an attention output kernel (heads, head_dim, d).
+    assert routing.state_axes(routing.Route(rule, (16, 8)), (1, 1, 16, 8))["rms"] == \
+        ((0, 1, 2), (3,))
+    assert routing.state_axes(routing.Route(rule, (32, 16)), (4, 8, 16))["rms"] == \
+        ((0, 1), (2,))
+    # Adam keeps the tensor's shape; a scalar's state is (1,) and its own.
+    assert routing.state_axes(routing.Route(routing.ADAM, (5, 7)), (5, 7)) == \
+        {"m": ((0,), (1,)), "v": ((0,), (1,))}
+    assert routing.state_axes(routing.Route(rule, ()), ())["rms"] == ((),)
+    assert routing.state_axes(routing.Route(rule, (3,)), (3,))["v_diag"] == ((), (0,))
+    # Not a merge of whole axes: nothing is claimed.
+    assert routing.state_axes(routing.Route(rule, (6, 4)), (4, 6))["rms"] == ((), ())
+    for key, shape in routing.state_shapes(routing.Route(rule, (144, 32))).items():
+        assert len(conv[key]) == len(shape), key
+
+
+def test_derived_layout_keeps_a_sharded_axis_only_where_it_cuts_blocks():
+    from keras_lopt.backend import derived_layout
+
+    layout = keras.distribution.TensorLayout((None, None, "data", "model"))
+    conv = routing.state_axes(routing.Route(routing.RULE, (144, 32)), (3, 3, 16, 32))
+    # The merged rows' inner axis is sharded: the merged axis is not cut in
+    # blocks, so it is replicated; the columns keep "model".
+    assert derived_layout(layout, conv["mom"]).axes == (None, None, "model")
+    outer = keras.distribution.TensorLayout(("model", None, None))
+    assert derived_layout(outer, ((0, 1), (2,))).axes == ("model", None)
+    assert derived_layout(outer, ((), (0, 1), (2,))).axes == (None, "model", None)
+    assert derived_layout(None, ((0,),)) is None
