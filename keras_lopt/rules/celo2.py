@@ -144,23 +144,48 @@ def _first_layer_blocks(theta):
     return [ops.convert_to_tensor(theta[f"w0__{k}"]) for k in range(len(FEATURE_WIDTHS))]
 
 
-def _mlp_matmul(elem, elem_scale, w_elem, bias, mlp, ws, lead, columns):
-    """The MLP as three matmuls over a stacked `(..., channels)` tensor."""
+def _mlp_matmul(elem, norm_eps, w_elem, bias_terms, mlp, ws, lead, columns):
+    """The MLP as three matmuls over channels stacked on a leading axis.
+
+    Channels first, `(..., channels, elements)`: stacking then copies whole
+    contiguous tensors, the normalisers are one pass over the stack, and
+    every layer's output rows are contiguous (a trailing channel axis made
+    eager torch spend more time in the stack than in the matmuls). The bias
+    terms are added to the first layer's output one broadcast shape at a
+    time.
+    """
     n_elem = len(elem)
-    slice_size = int(np.prod(ws[len(lead):]))
+    k = len(lead)
+    slice_size = int(np.prod(ws[k:]))
     hidden_size = int(w_elem.shape[-1])
-    x = ops.reshape(ops.stack(elem, axis=-1), lead + (slice_size, n_elem))
-    scale = ops.reshape(ops.stack(elem_scale, axis=-1), lead + (n_elem, 1))
-    hidden = ops.reshape(ops.matmul(x, scale * w_elem), ws + (hidden_size,))
-    hidden = ops.relu(hidden + bias)
-    hidden = ops.relu(ops.matmul(hidden, mlp["w1"]) + mlp["b1"])
-    out = ops.matmul(hidden, mlp["w2"]) + mlp["b2"]
-    return [out[..., c] for c in columns]
+    x = ops.reshape(ops.stack(elem, axis=k), lead + (n_elem, slice_size))
+    mean_sq = ops.mean(ops.square(x), axis=-1)  # lead + (channels,)
+    scale = ops.expand_dims(ops.rsqrt(mean_sq + norm_eps), -2)
+    w0 = scale * ops.transpose(w_elem)  # lead + (hidden, channels)
+    hidden = ops.reshape(ops.matmul(w0, x), lead + (hidden_size,) + ws[k:])
+    for term in bias_terms:
+        # (..., hidden) with broadcast axes -> the hidden axis after `lead`.
+        term = ops.convert_to_tensor(term)
+        if len(term.shape) > 1:
+            term = ops.moveaxis(term, -1, k)
+        else:
+            term = ops.reshape(term, (hidden_size,) + (1,) * (len(ws) - k))
+        hidden = hidden + term
+    hidden = ops.reshape(ops.relu(hidden), lead + (hidden_size, slice_size))
+    hidden = ops.relu(ops.matmul(ops.transpose(mlp["w1"]), hidden)
+                      + ops.reshape(mlp["b1"], (hidden_size, 1)))
+    w2 = ops.take(ops.transpose(mlp["w2"]), list(columns), axis=0)
+    b2 = ops.reshape(ops.take(mlp["b2"], list(columns), axis=0), (len(columns), 1))
+    out = ops.matmul(w2, hidden) + b2  # lead + (len(columns), elements)
+    return [ops.reshape(out[..., i, :], ws) for i in range(len(columns))]
 
 
-def _mlp_elementwise(elem, elem_scale, w_elem, bias, mlp, columns):
+def _mlp_elementwise(elem, elem_scale, w_elem, bias_terms, mlp, columns):
     """The MLP unrolled into element-wise multiply-adds (one XLA fusion)."""
     w1, b1, w2, b2 = mlp["w1"], mlp["b1"], mlp["w2"], mlp["b2"]
+    bias = bias_terms[0]
+    for term in bias_terms[1:]:
+        bias = bias + term
     hidden_size = int(w1.shape[0])
     h1 = []
     for j in range(hidden_size):
@@ -223,23 +248,35 @@ def learned_mlp(
 
     new_state = {"mom": mom, "rms": rms}
     blocks = _first_layer_blocks(mlp)
-    # Each element-wise channel comes with its square written differently
-    # from the channel itself, so that XLA computes the normalisers from
-    # the state directly instead of materialising every channel for both
-    # the reduction and the MLP.
-    g2 = ops.square(g)
-    mom2 = ops.square(mom)
-    inv_v = 1.0 / (rms + rho_eps)
+    # Where XLA fuses (JAX), each element-wise channel comes with its square
+    # written differently from the channel itself, so that the normalisers
+    # are computed from the state directly instead of materialising every
+    # channel for both the reduction and the MLP. Eager code never computes
+    # these: `_mlp_matmul` squares the stacked channels in one pass.
+    fuse = compiles_elementwise_fusions(g)
+    elem_sq = []
+
+    def sq(square):
+        if fuse:
+            elem_sq.append(square())
+
+    g2 = ops.square(g) if fuse else None
+    mom2 = ops.square(mom) if fuse else None
+    inv_v = 1.0 / (rms + rho_eps) if fuse else None
     elem = [g, ops.clip(g, -0.1, 0.1), p]
-    elem_sq = [g2, ops.minimum(g2, 0.01), ops.square(p)]
+    sq(lambda: g2)
+    sq(lambda: ops.minimum(g2, 0.01))
+    sq(lambda: ops.square(p))
     elem += [mom[i] for i in range(3)]
-    elem_sq += [mom2[i] for i in range(3)]
+    for i in range(3):
+        sq(lambda: mom2[i])
     elem += [rms]
-    elem_sq += [ops.square(rms)]
+    sq(lambda: ops.square(rms))
     elem += [mom[i] * rho for i in range(3)]
-    elem_sq += [mom2[i] * inv_v for i in range(3)]
+    for i in range(3):
+        sq(lambda: mom2[i] * inv_v)
     elem += [rho]
-    elem_sq += [inv_v]
+    sq(lambda: inv_v)
     dims = factored_dims(ws, batch_axes)
     bcast = []
     if dims is None:
@@ -247,17 +284,21 @@ def learned_mlp(
         new_state["v_diag"] = v_diag
         fac_scale = ops.rsqrt(ops.maximum(v_diag + 1e-9, 1e-9))
         elem += [g * fac_scale[i] for i in range(3)]
-        elem_sq += [g2 / ops.maximum(v_diag[i] + 1e-9, 1e-9) for i in range(3)]
+        for i in range(3):
+            sq(lambda: g2 / ops.maximum(v_diag[i] + 1e-9, 1e-9))
         elem += [g * rho]
-        elem_sq += [g2 * inv_v]
+        sq(lambda: g2 * inv_v)
         if full_width_unfactored:
             inv_fac = ops.rsqrt(v_diag + 1e-8)
             elem += [v_diag[i] for i in range(3)] * 2
-            elem_sq += [ops.square(v_diag[i]) for i in range(3)] * 2
+            for i in [0, 1, 2] * 2:
+                sq(lambda: ops.square(v_diag[i]))
             elem += [inv_fac[i] for i in range(3)] * 2
-            elem_sq += [1.0 / (v_diag[i] + 1e-8) for i in range(3)] * 2
+            for i in [0, 1, 2] * 2:
+                sq(lambda: 1.0 / (v_diag[i] + 1e-8))
             elem += [mom[i] * ops.rsqrt(v_diag[i]) for i in range(3)]
-            elem_sq += [mom2[i] / v_diag[i] for i in range(3)]
+            for i in range(3):
+                sq(lambda: mom2[i] / v_diag[i])
             n_rows = 30
         else:
             n_rows = 15
@@ -283,17 +324,19 @@ def learned_mlp(
         col = ops.expand_dims(v_col, d1 + 1)
         r = ops.expand_dims(r, d0 + 1)
         c = ops.expand_dims(c, d1 + 1)
-        r2, c2 = ops.square(r), ops.square(c)
+        r2, c2 = (ops.square(r), ops.square(c)) if fuse else (None, None)
         elem += [g * r[i] * c[i] for i in range(3)]
-        elem_sq += [g2 * r2[i] * c2[i] for i in range(3)]
+        for i in range(3):
+            sq(lambda: g2 * r2[i] * c2[i])
         elem += [g * rho]
-        elem_sq += [g2 * inv_v]
+        sq(lambda: g2 * inv_v)
         bcast += [row[i] for i in range(3)]
         bcast += [col[i] for i in range(3)]
         bcast += [ops.rsqrt(row[i] + 1e-8) for i in range(3)]
         bcast += [ops.rsqrt(col[i] + 1e-8) for i in range(3)]
         elem += [mom[i] * r[i] * c[i] for i in range(3)]
-        elem_sq += [mom2[i] * r2[i] * c2[i] for i in range(3)]
+        for i in range(3):
+            sq(lambda: mom2[i] * r2[i] * c2[i])
         n_rows = 30
         # Rows 0..14 and 27..29 of the first layer are element-wise, rows
         # 15..26 (groups 9..12) are row/column statistics.
@@ -301,22 +344,26 @@ def learned_mlp(
     weights = ops.concatenate(blocks, axis=0)[:n_rows]
     bcast_rows = list(range(15, 27)) if bcast else []
 
-    # Input normalisation is a per-slice scale of each channel; fold it into
-    # the first-layer weights instead of rescaling every element.
-    elem_scale = [ops.rsqrt(ms + norm_eps) for ms in means(elem_sq, norm_axes)]
     w_elem = ops.take(weights, elem_rows, axis=0)
-    bias = ops.convert_to_tensor(mlp["b0"])
+    # The row- and column-statistic channels' first-layer terms, summed
+    # per broadcast shape: (rows, 1, hidden) and (1, cols, hidden) stay
+    # small until they meet the elements.
+    bias_terms = {(): ops.convert_to_tensor(mlp["b0"])}
     for k, row_index in enumerate(bcast_rows):
         ch = bcast[k]
-        bias = bias + ops.expand_dims(
-            ch * _inv_rms(ch, norm_axes, norm_eps), -1
-        ) * weights[row_index]
+        term = ops.expand_dims(ch * _inv_rms(ch, norm_axes, norm_eps), -1) * weights[row_index]
+        key = tuple(term.shape)
+        bias_terms[key] = bias_terms[key] + term if key in bias_terms else term
+    bias_terms = list(bias_terms.values())
     mlp = {k: ops.convert_to_tensor(mlp[k]) for k in ("w1", "b1", "w2", "b2")}
-    if compiles_elementwise_fusions(g):
-        outputs = _mlp_elementwise(elem, elem_scale, w_elem, bias, mlp, columns)
+    # Input normalisation is a per-slice scale of each channel; fold it into
+    # the first-layer weights instead of rescaling every element.
+    if fuse:
+        elem_scale = [ops.rsqrt(ms + norm_eps) for ms in means(elem_sq, norm_axes)]
+        outputs = _mlp_elementwise(elem, elem_scale, w_elem, bias_terms, mlp, columns)
     else:
         lead = ws[: rank - len(norm_axes)]
-        outputs = _mlp_matmul(elem, elem_scale, w_elem, bias, mlp, ws, lead, columns)
+        outputs = _mlp_matmul(elem, norm_eps, w_elem, bias_terms, mlp, ws, lead, columns)
     return outputs, new_state
 
 
