@@ -125,7 +125,26 @@ def compiles_elementwise_fusions(x):
     instead runs it as three matmuls over a stacked channel tensor, which
     costs memory but hundreds fewer dispatched operations.
     """
-    return backend.backend() == "jax" and _is_jax_tracer(x)
+    if backend.backend() == "jax":
+        return _is_jax_tracer(x)
+    if backend.backend() == "tensorflow":
+        return _in_xla_context()
+    return False
+
+
+def _in_xla_context():
+    # TensorFlow under XLA (`model.compile(jit_compile=True)`, Keras's
+    # default on GPU) fuses like JAX does; a private function is the only
+    # way to ask, so any failure means "no".
+    try:
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+
+        if tf.executing_eagerly():
+            return False
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _is_jax_tracer(x):
@@ -176,7 +195,8 @@ def means(values, axes):
     Eager JAX would recompile that reduction at every call, so it is only
     used under tracing.
     """
-    if len(values) == 1 or not compiles_elementwise_fusions(values[0]):
+    if len(values) == 1 or backend.backend() != "jax" or \
+            not compiles_elementwise_fusions(values[0]):
         return [ops.mean(x, axis=axes, keepdims=True) for x in values]
     import jax
 
