@@ -55,8 +55,10 @@ def factored_dims(shape, batch_axes=0):
     shape = working_shape(tuple(shape)[batch_axes:])
     if len(shape) < 2:
         return None
-    order = np.argsort(np.asarray(shape), kind="stable")
-    return int(order[-1]) + batch_axes, int(order[-2]) + batch_axes
+    # Plain Python on the static shape (a stable argsort): NumPy here would
+    # be traced as tensor code by torch.compile.
+    order = sorted(range(len(shape)), key=lambda axis: shape[axis])
+    return order[-1] + batch_axes, order[-2] + batch_axes
 
 
 # Where a group of tensors stacks each accumulator (`update(batch_axes=1)`):
@@ -108,9 +110,8 @@ def init_state(shape):
 
 
 def _decays(values, rank):
-    return ops.convert_to_tensor(
-        np.asarray(values, "float32").reshape((len(values),) + (1,) * rank)
-    )
+    return ops.reshape(ops.convert_to_tensor([float(v) for v in values], "float32"),
+                       (len(values),) + (1,) * rank)
 
 
 def _norm_axes(rank):
