@@ -221,6 +221,10 @@ class SelectiveSSM(keras.layers.Layer):
                 raise ValueError(
                     f"{self.__class__.__name__} needs a static sequence length (the chunk "
                     "loop is built at trace time).")
+            if length == 0:
+                raise ValueError(
+                    f"{self.__class__.__name__} received an empty sequence (length 0), shape "
+                    f"{tuple(inputs.shape)}: give at least one token.")
             if self.max_sequence_length is not None and length > self.max_sequence_length:
                 raise ValueError(
                     f"Sequence length {length} exceeds "

@@ -5,11 +5,23 @@ from keras import ops
 from keras.saving import register_keras_serializable
 
 from keras_lopt.layers import rotary
+from keras_lopt.layers._checks import check_length
+from keras_lopt.layers._checks import check_mask
+from keras_lopt.layers._checks import check_positive
+from keras_lopt.layers._checks import check_width
 
 
 def _check_float(x, name):
     if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype)):
         raise TypeError(f"{name} expects floating-point inputs; received dtype {x.dtype}.")
+
+
+def _concrete_int(x):
+    """`int(x)` for a concrete tensor; `None` while tracing."""
+    try:
+        return int(ops.convert_to_numpy(x))
+    except Exception:  # noqa: BLE001 - a tracer of any backend
+        return None
 
 
 @register_keras_serializable(package="keras_lopt")
@@ -59,6 +71,8 @@ class CausalSelfAttention(keras.layers.Layer):
                  rotary_max_wavelength=10000.0, use_bias=False,
                  kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
+        check_positive("CausalSelfAttention", num_heads=num_heads, key_dim=key_dim,
+                       num_key_value_heads=num_key_value_heads or num_heads)
         self.num_heads = int(num_heads)
         self.key_dim = int(key_dim)
         self.num_key_value_heads = int(num_key_value_heads or num_heads)
@@ -123,8 +137,14 @@ class CausalSelfAttention(keras.layers.Layer):
             out = out + self.output_bias
         return out
 
+    def _width(self):
+        return self.query.shape[0] if self.built else None
+
     def call(self, inputs, padding_mask=None):
         _check_float(inputs, "CausalSelfAttention")
+        check_width("CausalSelfAttention", inputs, self._width())
+        check_length("CausalSelfAttention", inputs)
+        check_mask("CausalSelfAttention", padding_mask, inputs)
         length = inputs.shape[1]
         batch = ops.shape(inputs)[0]
         positions = rotary.positions_from_mask(padding_mask, length, batch)
@@ -203,9 +223,16 @@ class CausalSelfAttention(keras.layers.Layer):
         if len(inputs.shape) != 2:
             raise ValueError(f"step expects (batch, features); received {inputs.shape}.")
         _check_float(inputs, "CausalSelfAttention")
+        check_width("CausalSelfAttention", inputs, self._width())
         x = ops.cast(inputs, self.compute_dtype)[:, None]
         q, k, v = self._project(x, cache["position"][:, None])
         index = cache["index"]
+        capacity = cache["key"].shape[1]
+        full = _concrete_int(index)
+        if full is not None and full >= capacity:
+            raise ValueError(
+                f"CausalSelfAttention.step: the KV cache is full ({capacity} tokens); "
+                "prefill with a larger max_length.")
         zero = ops.zeros((), "int32")
         key = ops.slice_update(cache["key"], (zero, index, zero, zero), k)
         value = ops.slice_update(cache["value"], (zero, index, zero, zero), v)
@@ -215,6 +242,11 @@ class CausalSelfAttention(keras.layers.Layer):
         )
         mask = ops.cast(valid, "bool")[:, None, None, :]
         out = self._attend(q, key, value, mask)[:, 0]
+        if full is None:
+            # Traced (a compiled step), the index is not known here: past
+            # the capacity the update would silently land on the last slot,
+            # so the output turns NaN instead.
+            out = ops.where(index < capacity, out, ops.full_like(out, float("nan")))
         new_cache = {
             "key": key,
             "value": value,

@@ -5,6 +5,10 @@ import numpy as np
 from keras import ops
 
 from keras_lopt.layers import rotary
+from keras_lopt.layers._checks import check_length
+from keras_lopt.layers._checks import check_mask
+from keras_lopt.layers._checks import check_positive
+from keras_lopt.layers._checks import check_width
 from keras_lopt.layers.feature_maps import get_feature_map
 from keras_lopt.ops.linear_attention import chunk_linear_attention
 from keras_lopt.ops.linear_attention import recurrent_linear_attention
@@ -135,6 +139,8 @@ class LinearAttention(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         num_key_value_heads = num_key_value_heads or num_heads
+        check_positive("LinearAttention", num_heads=num_heads, key_dim=key_dim,
+                       num_key_value_heads=num_key_value_heads)
         if num_heads % num_key_value_heads:
             raise ValueError(
                 f"num_heads ({num_heads}) must be divisible by "
@@ -213,6 +219,7 @@ class LinearAttention(keras.layers.Layer):
             raise ValueError(
                 f"The last axis of LinearAttention's input must be known; received {input_shape}."
             )
+        self._d_model = int(d_model)
         heads, kv_heads = self.num_heads, self.num_key_value_heads
 
         def input_projection(heads, dim, name):
@@ -314,6 +321,9 @@ class LinearAttention(keras.layers.Layer):
 
     def _sequence(self, inputs, padding_mask):
         """The chunked (or non-causal) form: `(outputs, final_state, mask)`."""
+        check_width("LinearAttention", inputs, self._width())
+        check_length("LinearAttention", inputs)
+        check_mask("LinearAttention", padding_mask, inputs)
         length = inputs.shape[1]
         limit = self.max_sequence_length
         if limit is not None and length is not None and length > limit:
@@ -363,8 +373,12 @@ class LinearAttention(keras.layers.Layer):
         _check_float(inputs, method)
         if not self.built:
             self.build((None, None, inputs.shape[-1]))
+        check_width("LinearAttention", inputs, self._width())
         # These methods bypass __call__, which would otherwise do this cast.
         return ops.cast(inputs, self.compute_dtype)
+
+    def _width(self):
+        return getattr(self, "_d_model", None)
 
     def _state_shape(self):
         width = self.value_dim + (self.normalization == "denominator")

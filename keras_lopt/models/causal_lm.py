@@ -382,6 +382,13 @@ class CausalLM(keras.Model):
         if len(prompt.shape) != 2:
             raise ValueError(f"prompt must be (batch, length); received {prompt.shape}.")
         length = prompt.shape[1]
+        if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0; received {max_new_tokens!r}.")
+        max_new_tokens = int(max_new_tokens)
+        if length == 0:
+            raise ValueError("generate needs a prompt of at least one token; received shape "
+                             f"{tuple(prompt.shape)}.")
         if self.max_positions and length + max_new_tokens > self.max_positions:
             raise ValueError(f"prompt + max_new_tokens = {length + max_new_tokens} exceeds "
                              f"max_positions={self.max_positions}.")
