@@ -1,7 +1,6 @@
 """Two-stage cross-architecture distillation: Transformer -> linear attention -> Mamba-2."""
 
 import json
-import math
 import os
 
 import keras
@@ -338,11 +337,19 @@ class Distiller(keras.Model):
             optimizer: a name, config, instance (cloned per stage) or a
                 function `(stage, steps) -> optimizer`.
             checkpoint_dir: where to save the weights after every stage and,
-                inside a stage, every `checkpoint_every` steps; running
-                again with the same directory resumes.
+                inside a stage, every `checkpoint_every` steps (student,
+                optimizer state and step); running again with the same
+                directory resumes: a finished stage is loaded, an
+                interrupted one continues at its last checkpoint with the
+                same batches and schedule as an uninterrupted run (exactly
+                for array input; an iterator is advanced past the batches
+                already trained on, which is the same only if it yields the
+                same batches again).
             checkpoint_every: steps between checkpoints inside a stage
-                (default: one per stage).
-            seed: seed of the batch sampler (array input).
+                (default: none inside a stage). It never changes the
+                number of steps.
+            seed: seed of the batch sampler (array input): the batch of
+                step `t` of a stage depends only on `(seed, stage, t)`.
             callbacks, verbose: as in `keras.Model.fit`, for every stage.
 
         Returns:
@@ -355,7 +362,7 @@ class Distiller(keras.Model):
             raise TypeError("With stage_tokens, fit takes the token data as x only (and the "
                             f"keyword arguments it documents); received extra {sorted(kwargs)}.")
         budget = self._stage_budget(stage_tokens, attention_transfer_fraction)
-        batches, tokens_per_batch = _batch_source(x, batch_size, seed)
+        source, tokens_per_batch = _batch_source(x, batch_size, seed)
         done = self._load_progress(checkpoint_dir)
         histories = {}
         plan = [s for s in self.stages if budget.get(s, 0) > 0]
@@ -364,29 +371,35 @@ class Distiller(keras.Model):
             if stage in done:
                 continue
             self.set_stage(stage)
+            self.compile(optimizer=_stage_optimizer(optimizer, stage, steps))
+            checkpoint = checkpoint_dir and _StageCheckpoint(checkpoint_dir, stage, steps,
+                                                             checkpoint_every)
+            # A resumed stage restores the student, the optimizer (its state
+            # and step count, so the schedule goes on where it stopped) and
+            # continues the same batch stream at the same step.
+            start = checkpoint.restore(self) if checkpoint else 0
             if verbose:
                 print(f"Stage {i + 1}/{len(plan)}: {stage} ({steps} steps, "
-                      f"{steps * tokens_per_batch:,} tokens)")
-            resuming = checkpoint_dir and os.path.exists(
-                os.path.join(checkpoint_dir, f"backup_{stage}"))
-            if stage == "attention_transfer" and not resuming:
+                      f"{steps * tokens_per_batch:,} tokens)"
+                      + (f", resumed at step {start}" if start else ""))
+            batches = source(self.stages.index(stage), start)
+            if stage == "attention_transfer" and not start:
                 first = next(batches)
                 factors = self.calibrate(first[0])
                 batches = _prepend(first, batches)
                 if verbose:
                     print("Output norms calibrated to the teacher's scale: factors "
                           + ", ".join(f"{f:.3g}" for f in factors))
-            self.compile(optimizer=_stage_optimizer(optimizer, stage, steps))
-            per_epoch = min(steps, checkpoint_every or steps)
-            stage_callbacks = list(callbacks or [])
-            if checkpoint_dir:
-                stage_callbacks.append(keras.callbacks.BackupAndRestore(
-                    os.path.join(checkpoint_dir, f"backup_{stage}")))
+            stage_callbacks = list(callbacks or []) + ([checkpoint] if checkpoint else [])
+            # One epoch of exactly the stage's remaining steps: checkpoints
+            # are taken inside it, so they never change the budget.
             histories[stage] = super().fit(
-                batches, steps_per_epoch=per_epoch, epochs=math.ceil(steps / per_epoch),
+                batches, steps_per_epoch=steps - start, epochs=1,
                 callbacks=stage_callbacks, verbose=verbose, shuffle=False)
             done.append(stage)
             self._save_progress(checkpoint_dir, done)
+            if checkpoint:
+                checkpoint.remove()
         if plan and plan[-1] != self.stage:
             self.set_stage(plan[-1])
         return histories
@@ -480,7 +493,8 @@ def _stage_optimizer(optimizer, stage, steps):
 
 
 def _batch_source(data, batch_size, seed):
-    """An endless iterator of `(token_ids, targets)` batches and the tokens in each."""
+    """`(source, tokens_per_batch)`: `source(stage_index, start)` iterates
+    over `(token_ids, targets)` batches from step `start` of a stage on."""
     if isinstance(data, np.ndarray) or hasattr(data, "__array__") and not hasattr(
             data, "__next__"):
         data = np.asarray(data)
@@ -488,17 +502,82 @@ def _batch_source(data, batch_size, seed):
             raise ValueError("Token data must be an int array (num_sequences, length + 1); "
                              f"received {data.dtype} {data.shape}.")
         batch_size = batch_size or 32
-        rng = np.random.default_rng(seed)
 
-        def draw():
+        def source(stage_index, start):
+            # Each step's rows come from their own generator: a resumed
+            # stage draws exactly the batches an uninterrupted one would.
+            step = start
             while True:
+                rng = np.random.default_rng([seed, stage_index, step])
                 rows = data[rng.integers(0, len(data), batch_size)]
                 yield rows[:, :-1].astype("int32"), rows[:, 1:].astype("int32")
+                step += 1
 
-        return draw(), batch_size * (data.shape[1] - 1)
+        return source, batch_size * (data.shape[1] - 1)
     iterator = iter(data)
     first = next(iterator)
-    return _prepend(first, iterator), _tokens_in(first)
+    shared = _prepend(first, iterator)
+
+    def source(stage_index, start):
+        del stage_index  # one stream, continued from stage to stage
+        for _ in range(start):
+            next(shared)
+        return shared
+
+    return source, _tokens_in(first)
+
+
+class _StageCheckpoint(keras.callbacks.Callback):
+    """Student, optimizer and step of a stage, every `every` steps.
+
+    Each checkpoint is `stage_<name>.<step>.weights.h5` (the distiller's
+    weights with its optimizer's variables, which include the step count);
+    `stage_<name>.json` then names it (replaced atomically) and the older
+    file goes, so an interruption at any point leaves a whole checkpoint.
+    """
+
+    def __init__(self, directory, stage, steps, every):
+        super().__init__()
+        self.directory, self.stage, self.steps, self.every = directory, stage, steps, every
+        self.index_path = os.path.join(directory, f"stage_{stage}.json")
+        self.start = 0
+
+    def _weights(self, step):
+        return os.path.join(self.directory, f"stage_{self.stage}.{step}.weights.h5")
+
+    def _last(self):
+        if not os.path.exists(self.index_path):
+            return 0
+        with open(self.index_path) as f:
+            return int(json.load(f)["step"])
+
+    def restore(self, model):
+        """Loads the last checkpoint into `model`; returns its step (0: none)."""
+        self.start = self._last()
+        if self.start:
+            if not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+            model.load_weights(self._weights(self.start))
+        return self.start
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.start + batch + 1
+        if not self.every or step % self.every or step >= self.steps:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        previous = self._last()
+        self.model.save_weights(self._weights(step))
+        with open(self.index_path + ".partial", "w") as f:
+            json.dump({"step": step}, f)
+        os.replace(self.index_path + ".partial", self.index_path)
+        if previous and previous != step and os.path.exists(self._weights(previous)):
+            os.remove(self._weights(previous))
+
+    def remove(self):
+        last = self._last()
+        for path in (self.index_path, self._weights(last)):
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def _prepend(first, rest):

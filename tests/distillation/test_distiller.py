@@ -150,7 +150,7 @@ def test_one_call_fit_checkpoints_and_resumes(tmp_path):
     histories = second.fit(data, stage_tokens=budget, batch_size=4, optimizer="adam",
                            checkpoint_dir=checkpoints, checkpoint_every=1, verbose=0)
     assert list(histories) == ["mamba2"]
-    assert len(histories["mamba2"].history["loss"]) == 2  # one epoch per checkpoint
+    assert len(histories["mamba2"].history["loss"]) == 1  # one epoch per stage
     ids = data[:2, :-1]
     np.testing.assert_allclose(np_(second.linear_attention_student(ids)),
                                np_(first.linear_attention_student(ids)), rtol=1e-5, atol=1e-5)
@@ -165,32 +165,53 @@ def test_one_call_fit_checkpoints_and_resumes(tmp_path):
 
 
 class _Interrupt(keras.callbacks.Callback):
-    """Stands in for a kill: raises at the start of the given epoch."""
+    """Stands in for a kill: raises at the start of the given step."""
 
-    def __init__(self, epoch):
+    def __init__(self, step):
         super().__init__()
-        self.epoch = epoch
+        self.step = step
 
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.step:
             raise KeyboardInterrupt
 
 
-def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path):
+def _weights(model):
+    return [keras.ops.convert_to_numpy(v.value) for v in model.weights]
+
+
+@pytest.mark.parametrize("stage_tokens", [
+    {"attention_transfer": 6 * 4 * LENGTH},
+    {"attention_transfer": 2 * 4 * LENGTH, "linear_attention": 6 * 4 * LENGTH},
+], ids=["attention_transfer", "linear_attention"])
+def test_an_interrupted_stage_resumes_exactly_where_it_stopped(tmp_path, stage_tokens):
+    # Varied data (each step draws other rows), a schedule that changes the
+    # rate every step, and a checkpoint every 4 of 6 steps: the run killed
+    # at step 5 and resumed from step 4 must end where an uninterrupted run
+    # ends, after exactly 6 steps (not ceil(6 / 4) * 4 = 8).
     data = sequences(32)
-    checkpoints = str(tmp_path / "run")
-    budget = {"attention_transfer": 3 * 4 * LENGTH}
-    first = Distiller(teacher(), student="linear_attention", chunk_size=8)
+    last = list(stage_tokens)[-1]
+
+    def optimizer(stage, steps):
+        return keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(3e-3, steps))
+
+    def run(directory, callbacks=None):
+        distiller = Distiller(teacher(), student="linear_attention", chunk_size=8)
+        distiller.fit(data, stage_tokens=stage_tokens, batch_size=4, optimizer=optimizer,
+                      checkpoint_dir=str(directory), checkpoint_every=4,
+                      callbacks=callbacks, verbose=0)
+        return distiller
+
+    whole = run(tmp_path / "whole")
+    assert int(whole.optimizer.iterations.value) == 6
     with pytest.raises(KeyboardInterrupt):
-        first.fit(data, stage_tokens=budget, batch_size=4, checkpoint_dir=checkpoints,
-                  checkpoint_every=1, callbacks=[_Interrupt(2)], verbose=0)
-    assert os.path.isdir(os.path.join(checkpoints, "backup_attention_transfer"))
-    # Epochs 0 and 1 were checkpointed: the rerun only trains epoch 2.
-    second = Distiller(teacher(), student="linear_attention", chunk_size=8)
-    histories = second.fit(data, stage_tokens=budget, batch_size=4, checkpoint_dir=checkpoints,
-                           checkpoint_every=1, verbose=0)
-    assert len(histories["attention_transfer"].history["loss"]) == 1
-    assert not os.path.exists(os.path.join(checkpoints, "backup_attention_transfer"))
+        run(tmp_path / "cut", callbacks=[_Interrupt(5)])
+    assert os.path.exists(tmp_path / "cut" / f"stage_{last}.4.weights.h5")
+    resumed = run(tmp_path / "cut")
+    assert int(resumed.optimizer.iterations.value) == 6
+    for a, b in zip(_weights(whole), _weights(resumed)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert not [p for p in os.listdir(tmp_path / "cut") if p.startswith("stage_")]
 
 
 def test_naive_baseline_and_linear_attention_only_students():
