@@ -581,9 +581,12 @@ class _StageCheckpoint(keras.callbacks.Callback):
 
 
 def _prepend(first, rest):
-    # A generator (what Keras' fit accepts), not an itertools.chain.
+    # A generator (what Keras' fit accepts), not an itertools.chain. A plain
+    # loop, not `yield from`: when this wrapper is dropped (the next stage
+    # takes the stream on), closing it must not close the shared stream.
     yield first
-    yield from rest
+    for item in rest:
+        yield item
 
 
 def _tokens_in(first):
