@@ -67,3 +67,39 @@ def test_xla_steps_equal_the_graph_steps_and_skip_non_finite_gradients(cls):
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, np.asarray(b.value), err_msg=b.path)
     assert int(xla.optimizer.iterations.value) == 4
+
+
+@tf_only
+def test_xla_keeps_variable_dtypes_and_resumes_exactly(tmp_path):
+    # bfloat16 variables stay bfloat16 (the rule computes in float32), and a
+    # model saved mid-run and loaded in a fresh model continues under XLA
+    # exactly as the uninterrupted run does.
+    def model():
+        keras.utils.set_random_seed(5)
+        return keras.Sequential([
+            keras.Input((12,)),
+            keras.layers.Dense(16, name="inp"),
+            keras.layers.Dense(24, activation="tanh", name="h1", dtype="bfloat16"),
+            keras.layers.Dense(16, activation="tanh", name="h2"),
+            keras.layers.Dense(4, name="out"),
+        ])
+
+    def compiled(net):
+        net.compile(optimizer=Celo2(learning_rate=3e-3), loss="mse", jit_compile=True)
+        return net
+
+    straight = compiled(model())
+    for step in range(3):
+        straight.train_on_batch(*_data(step))
+    assert {str(v.dtype) for v in straight.get_layer("h1").weights} == {"bfloat16"}
+
+    first = compiled(model())
+    for step in range(2):
+        first.train_on_batch(*_data(step))
+    path = str(tmp_path / "mid.keras")
+    first.save(path)
+    resumed = keras.saving.load_model(path)
+    assert resumed.jit_compile
+    resumed.train_on_batch(*_data(2))
+    for a, b in zip(straight.weights, resumed.weights):
+        np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value), err_msg=a.path)
