@@ -249,11 +249,12 @@ def learned_mlp(
 
     new_state = {"mom": mom, "rms": rms}
     blocks = _first_layer_blocks(mlp)
-    # Where XLA fuses (JAX), each element-wise channel comes with its square
-    # written differently from the channel itself, so that the normalisers
-    # are computed from the state directly instead of materialising every
-    # channel for both the reduction and the MLP. Eager code never computes
-    # these: `_mlp_matmul` squares the stacked channels in one pass.
+    # Where XLA fuses (JAX; TensorFlow under XLA), each element-wise
+    # channel comes with its square written differently from the channel
+    # itself, so that the normalisers are computed from the state directly
+    # instead of materialising every channel for both the reduction and
+    # the MLP. Eager code never computes these: `_mlp_matmul` squares the
+    # stacked channels in one pass.
     fuse = compiles_elementwise_fusions(g)
     elem_sq = []
 
