@@ -84,27 +84,15 @@ def derived_layout(layout, groups):
     contiguous axes takes the outermost one's when the others are whole on
     every device (an outer axis cut in blocks cuts the merged axis in
     blocks), else it is replicated, as is an axis of the state's own.
-    `layout` is a `keras.distribution.TensorLayout` or, on JAX, a
-    `NamedSharding`.
+    Only a `keras.distribution.TensorLayout` (what Keras's distributions
+    give variables) is followed; any other layout leaves the state as Keras
+    would make it.
     """
-    if layout is None:
-        return None
     from keras import distribution
 
-    if isinstance(layout, distribution.TensorLayout):
-        axes = tuple(layout.axes)
-
-        def rebuild(spec):
-            return distribution.TensorLayout(spec, layout.device_mesh)
-    elif backend.backend() == "jax" and hasattr(layout, "spec") and hasattr(layout, "mesh"):
-        import jax
-
-        axes = tuple(layout.spec)
-
-        def rebuild(spec):
-            return jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec(*spec))
-    else:
+    if not isinstance(layout, distribution.TensorLayout):
         return None
+    axes = tuple(layout.axes)
 
     def sharding(group):
         names = [axes[i] if i < len(axes) else None for i in group]
@@ -112,7 +100,7 @@ def derived_layout(layout, groups):
             return names[0]
         return None
 
-    return rebuild([sharding(group) for group in groups])
+    return distribution.TensorLayout([sharding(group) for group in groups], layout.device_mesh)
 
 
 def compiles_elementwise_fusions(x):

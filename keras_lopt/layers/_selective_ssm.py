@@ -39,6 +39,8 @@ import random
 import keras
 from keras import ops
 
+from keras_lopt.layers._checks import check_length
+from keras_lopt.layers._checks import check_mask
 from keras_lopt.ops.causal_conv import chunk_causal_conv
 
 _CONV_INITS = ("default", "identity")
@@ -221,10 +223,7 @@ class SelectiveSSM(keras.layers.Layer):
                 raise ValueError(
                     f"{self.__class__.__name__} needs a static sequence length (the chunk "
                     "loop is built at trace time).")
-            if length == 0:
-                raise ValueError(
-                    f"{self.__class__.__name__} received an empty sequence (length 0), shape "
-                    f"{tuple(inputs.shape)}: give at least one token.")
+            check_length(self.__class__.__name__, inputs)
             if self.max_sequence_length is not None and length > self.max_sequence_length:
                 raise ValueError(
                     f"Sequence length {length} exceeds "
@@ -235,10 +234,7 @@ class SelectiveSSM(keras.layers.Layer):
         if padding_mask is None:
             return None
         padding_mask = ops.convert_to_tensor(padding_mask)
-        if len(padding_mask.shape) != 2 or padding_mask.shape[1] != inputs.shape[1]:
-            raise ValueError(
-                f"padding_mask must have shape (batch, length) = (batch, {inputs.shape[1]}); "
-                f"received {tuple(padding_mask.shape)}.")
+        check_mask(self.__class__.__name__, padding_mask, inputs)
         return ops.cast(padding_mask, "float32") > 0
 
     # -- shared pieces --------------------------------------------------------
