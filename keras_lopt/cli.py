@@ -73,6 +73,18 @@ def _parser():
                     default=defaults.warmup_cosine_fraction,
                     help="share of inner runs on warm-up + cosine over their horizon "
                          "(the rest at a constant rate); runs before this option used 0")
+    mt.add_argument("--min-scale", type=float, default=defaults.min_scale,
+                    help="smallest reparametrisation scale s (tasks optimise L(s*w) from w0/s; "
+                         "log-uniform)")
+    mt.add_argument("--max-scale", type=float, default=defaults.max_scale,
+                    help="largest reparametrisation scale s")
+    mt.add_argument("--validate-every", type=int, default=defaults.validate_every,
+                    help="score theta on fixed validation runs every this many iterations and "
+                         "keep the best as theta_best.npz (0: off)")
+    mt.add_argument("--validation-runs", type=int, default=defaults.validation_runs,
+                    help="fresh validation runs per family")
+    mt.add_argument("--validation-horizon", type=int, default=defaults.validation_horizon,
+                    help="inner steps of each validation run")
     mt.add_argument("--init-weights", default="random",
                     help="start from these meta-weights instead of a random init: a .npz or "
                          ".state file, a shipped version (celo2-v2, ...), or 'momentum' "
@@ -135,6 +147,11 @@ def main(argv=None):
         warmup_cosine_fraction=args.warmup_cosine_fraction,
         adam_bias_correction=args.adam_bias_correction,
         families=tuple(f for f in args.families.split(",") if f),
+        min_scale=args.min_scale,
+        max_scale=args.max_scale,
+        validate_every=args.validate_every,
+        validation_runs=args.validation_runs,
+        validation_horizon=args.validation_horizon,
     )
     meta_train(
         config,

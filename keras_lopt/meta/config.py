@@ -9,6 +9,7 @@ from keras_lopt.rules.theta import RULES
 # keeps them (`from_dict`).
 LEGACY_DEFAULTS = {
     "adam_bias_correction": False, "routing": "reference", "warmup_cosine_fraction": 0.0,
+    "validate_every": 0,
 }
 
 
@@ -46,6 +47,14 @@ class MetaTrainConfig:
         min_scale, max_scale: range of the log-uniform reparametrisation
             scale `s` (the task optimises `L(s * w)` from `w0 / s`).
         families: names of the task families (`tasks.FAMILIES`).
+        validate_every: every this many outer iterations (and at the
+            start), score theta on a fixed set of inner runs
+            (`PESMetaTrainer.validate`) and keep the best theta; 0 turns
+            validation off.
+        validation_runs: fresh inner runs per family in each validation.
+        validation_horizon: their length in inner steps.
+        validation_seed: seeds the validation runs, independently of
+            `seed`, so runs with different seeds are scored on the same set.
         init_weights: optional path of meta-weights (`.npz` or the
             authors' `.state`) to start from instead of a random
             initialisation, e.g. to continue from shipped weights with a
@@ -85,6 +94,10 @@ class MetaTrainConfig:
         "raw_scale_binary_deep",
     )
     init_weights: str = ""
+    validate_every: int = 100
+    validation_runs: int = 4
+    validation_horizon: int = 1000
+    validation_seed: int = 12345
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -101,6 +114,13 @@ class MetaTrainConfig:
             raise ValueError("warmup_cosine_fraction must be in [0, 1].")
         if self.pairs_per_family < 1 or self.truncation < 1:
             raise ValueError("pairs_per_family and truncation must be >= 1.")
+        if self.validate_every < 0 or self.validation_runs < 1 or self.validation_horizon < 1:
+            raise ValueError(
+                "Need validate_every >= 0 (0: off), validation_runs >= 1 and "
+                "validation_horizon >= 1."
+            )
+        if not 0 < self.min_scale <= self.max_scale:
+            raise ValueError("Need 0 < min_scale <= max_scale.")
         if not 1 <= self.min_horizon <= self.max_horizon:
             raise ValueError("Need 1 <= min_horizon <= max_horizon.")
 

@@ -104,6 +104,7 @@ class PESMetaTrainer:
         devices = jax.devices()
         self.mesh = jax.sharding.Mesh(np.array(devices), ("pop",))
         self._outer_step = jax.jit(self._outer_step_impl, donate_argnums=(0,))
+        self._validate = None
 
     # ----------------------------------------------------------------- runs
     def _routes(self, family):
@@ -150,7 +151,7 @@ class PESMetaTrainer:
         full.update(theta)
         return full
 
-    def _inner_step(self, family, theta, run):
+    def _inner_step(self, family, theta, run, cosine=None):
         import jax
         import jax.numpy as jnp
 
@@ -169,10 +170,11 @@ class PESMetaTrainer:
             run = self._celo_update(self._full_theta(theta), run, loss, grads)
             return run, (family.normalized_loss(loss), reset)
         lr = cfg.inner_lr
-        if cfg.warmup_cosine_fraction > 0:
+        if cosine is None and cfg.warmup_cosine_fraction > 0:
             # Each run draws its schedule once, from its own key.
             cosine = jax.random.uniform(jax.random.fold_in(run["key"], 11)) < (
                 cfg.warmup_cosine_fraction)
+        if cosine is not None:
             lr = lr * jnp.where(cosine, schedule.warmup_cosine(run["t"], run["horizon"]), 1.0)
         new_params, new_opt = [], []
         for p, g, st, route in zip(run["params"], grads, run["opt"], self._routes(family)):
@@ -221,6 +223,68 @@ class PESMetaTrainer:
         return dict(
             run, params=new_params, opt=new_opt, t=run["t"] + 1, loss_buffer=state, lstm=lstm,
         )
+
+    # ----------------------------------------------------------- validation
+    def _validation_impl(self, theta):
+        import jax
+        import jax.numpy as jnp
+
+        cfg = self.config
+        n, horizon = cfg.validation_runs, cfg.validation_horizon
+        # A key stream of its own, so that changing the training seed or
+        # iteration count leaves the validation runs as they are.
+        key = jax.random.PRNGKey(cfg.validation_seed)
+        means, finals = [], []
+        for i, family in enumerate(self.families):
+            keys = jax.random.split(jax.random.fold_in(key, i), n)
+            runs = jax.vmap(lambda k: self._init_run(family, k))(keys)
+            # What users run: unit scale, one horizon, warm-up + cosine
+            # (or the constant rate when meta-training never sees cosine).
+            runs["horizon"] = jnp.full((n,), horizon, "int32")
+            runs["log_scale"] = jnp.zeros((n,), "float32")
+            cosine = cfg.rule != "celo" and cfg.warmup_cosine_fraction > 0
+            step = jax.vmap(lambda run: self._inner_step(family, theta, run, cosine=cosine))
+
+            def body(runs, _):
+                runs, (loss, _) = step(runs)
+                return runs, loss
+
+            _, losses = jax.lax.scan(body, runs, None, length=horizon)
+            tail = max(1, horizon // 10)
+            means.append(jnp.mean(losses))
+            finals.append(jnp.mean(losses[-tail:]))
+        return jnp.stack(means), jnp.stack(finals)
+
+    def validate(self, theta):
+        """Scores meta-weights on a fixed set of inner runs.
+
+        Meta-training's own loss mixes runs at every point of staggered
+        horizons and changing tasks, so its curve is dominated by which runs
+        happen to be early or late. Validation instead trains
+        `config.validation_runs` fresh runs per family, the same ones every
+        call (`config.validation_seed`), at unit scale for
+        `config.validation_horizon` steps with the deployed schedule, and
+        reports their normalised training loss.
+
+        Args:
+            theta: the (trained part of the) meta-weights, e.g.
+                `state["theta"]`.
+
+        Returns:
+            A dict: `val_loss` (mean over families of the mean loss over
+            each run, PES's objective), `val_final` (mean over families of
+            the last 10% of steps), and `val_<family>` / `final_<family>`.
+        """
+        import jax
+
+        if self._validate is None:
+            self._validate = jax.jit(self._validation_impl)
+        means, finals = jax.device_get(self._validate(theta))
+        out = {"val_loss": float(np.mean(means)), "val_final": float(np.mean(finals))}
+        for family, m, f in zip(self.families, means, finals):
+            out[f"val_{family.name}"] = float(m)
+            out[f"final_{family.name}"] = float(f)
+        return out
 
     # ----------------------------------------------------------- population
     def _init_population(self, family, key):

@@ -17,6 +17,8 @@ from keras_lopt.rules.theta import save_theta
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.csv"
 THETA = "theta.npz"
+VALIDATION = "validation.csv"
+BEST = "theta_best.npz"
 
 
 def save_checkpoint(path, trainer, state):
@@ -97,7 +99,10 @@ def plot_metrics(out_dir, smooth=50):
     if not rows:
         return None
     it = np.array([int(r["iteration"]) for r in rows])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    val_rows = _read_rows(os.path.join(out_dir, VALIDATION))
+    fig, axes = plt.subplots(1, 2 if val_rows else 1, figsize=(13 if val_rows else 7, 4),
+                             squeeze=False)
+    ax = axes[0, 0]
     for key in [k for k in rows[0] if k.startswith("loss_") or k == "meta_loss"]:
         y = np.array([float(r[key]) for r in rows])
         w = min(smooth, len(y))
@@ -107,11 +112,37 @@ def plot_metrics(out_dir, smooth=50):
     ax.set_ylabel(f"normalised truncation loss (moving mean of {smooth})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    if val_rows:
+        ax = axes[0, 1]
+        vit = [int(r["iteration"]) for r in val_rows]
+        for key in [k for k in val_rows[0] if k.startswith("val_")]:
+            ax.plot(vit, [float(r[key]) for r in val_rows], marker=".", label=key,
+                    lw=2 if key == "val_loss" else 1)
+        ax.set_xlabel("outer iteration")
+        ax.set_ylabel("fixed validation runs: mean normalised loss")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     path = os.path.join(out_dir, "meta_loss.png")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _read_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _append_row(path, row):
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def _last_wall_time(path):
@@ -167,7 +198,12 @@ def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
     Writes to `out_dir`: `checkpoint.npz` (every `checkpoint_every`
     iterations and at the end), `metrics.csv` (one row per iteration),
     `theta.npz` (the latest meta-weights, keras-lopt format, with
-    `run_provenance` inside) and `meta_loss.png`.
+    `run_provenance` inside) and `meta_loss.png`. With
+    `config.validate_every > 0`, also `validation.csv` (the fixed
+    validation runs' scores at iteration 0 and every `validate_every`
+    iterations, `PESMetaTrainer.validate`) and `theta_best.npz` (the
+    meta-weights with the lowest `val_loss` so far, its scores in the
+    provenance; the starting weights when nothing beat them).
 
     Args:
         config: a `MetaTrainConfig`; ignored when resuming (the checkpoint's
@@ -189,6 +225,7 @@ def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, CHECKPOINT)
     metrics_path = os.path.join(out_dir, METRICS)
+    validation_path = os.path.join(out_dir, VALIDATION)
     if resume and os.path.exists(ckpt):
         trainer, state = load_checkpoint(ckpt, families=families)
         if config is not None and families is not None:
@@ -205,13 +242,31 @@ def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
             )
         start = int(state["iteration"])
         _trim_metrics(metrics_path, start)
+        _trim_metrics(validation_path, start)
     else:
         trainer = PESMetaTrainer(config, families=families)
         state = trainer.init()
         start = 0
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
+        for path in (metrics_path, validation_path, os.path.join(out_dir, BEST)):
+            if os.path.exists(path):
+                os.remove(path)
     rule = trainer.config.rule
+    every = trainer.config.validate_every
+    best = min((float(r["val_loss"]) for r in _read_rows(validation_path)), default=math.inf)
+
+    def validate(iteration):
+        nonlocal best
+        scores = trainer.validate(state["theta"])
+        _append_row(validation_path, {"iteration": iteration,
+                                      "wall_s": round(time.time() - t_start, 3), **scores})
+        if scores["val_loss"] < best:
+            best = scores["val_loss"]
+            provenance = run_provenance(trainer.config, out_dir, iteration,
+                                        time.time() - t_start)
+            provenance["validation"] = scores
+            save_theta(os.path.join(out_dir, BEST), trainer.theta_numpy(state), rule,
+                       provenance=provenance)
+        return scores
 
     bar = None
     if verbose:
@@ -226,6 +281,9 @@ def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
     t_start = time.time() - _last_wall_time(metrics_path)
     t_call = time.time()
     try:
+        if every and start == 0 and not _read_rows(validation_path):
+            # Where the run starts from: the bar every later theta must beat.
+            validate(0)
         for it in range(start, iterations):
             state, metrics = trainer.outer_step(state)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -240,6 +298,11 @@ def meta_train(config, out_dir, iterations, checkpoint_every=100, families=None,
                 bar.update(1)
             if not math.isfinite(metrics["meta_loss"]):
                 raise FloatingPointError(f"Meta-loss became {metrics['meta_loss']} at {it + 1}.")
+            if every and (it + 1) % every == 0:
+                scores = validate(it + 1)
+                if bar is not None:
+                    bar.write(f"iteration {it + 1}: validation loss {scores['val_loss']:.4f} "
+                              f"(final {scores['val_final']:.4f}; best {best:.4f})")
             out_of_time = max_minutes is not None and time.time() - t_call > 60 * max_minutes
             if (it + 1) % checkpoint_every == 0 or it + 1 == iterations or out_of_time:
                 csv_file.flush()

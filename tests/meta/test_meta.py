@@ -24,7 +24,7 @@ def tiny_families():
 
 def tiny_config(**kw):
     base = dict(rule="celo2", seed=0, pairs_per_family=2, truncation=3, min_horizon=4,
-                max_horizon=8, outer_lr=1e-2)
+                max_horizon=8, outer_lr=1e-2, validate_every=0)
     base.update(kw)
     return MetaTrainConfig(**base)
 
@@ -189,7 +189,8 @@ def test_cli_meta_train(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "keras_lopt.cli", "meta-train", "--rule", "celo2_base",
          "--out", str(out), "--iterations", "2", "--families", "teacher_mlp",
-         "--pairs-per-family", "1", "--truncation", "2", "--quiet"],
+         "--pairs-per-family", "1", "--truncation", "2", "--quiet",
+         "--validate-every", "1", "--validation-runs", "1", "--validation-horizon", "3"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from keras_lopt.optimizers import Celo2Base
@@ -204,6 +205,51 @@ def test_cli_meta_train(tmp_path):
     assert record["rule"] == "celo2_base" and record["iteration"] == 2
     assert record["config"]["truncation"] == 2 and record["config"]["families"] == ["teacher_mlp"]
     assert "meta-train" in record["command"] and record["run"].endswith("run")
+    rows = (out / "validation.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert "validation" in provenance(str(out / "theta_best.npz"))
+
+
+@jax_only
+def test_validation_scores_fixed_runs_and_keeps_the_best_theta(tmp_path):
+    """Validation runs are the same whatever the training seed or iteration;
+    `theta_best.npz` holds the theta of the lowest row, and a resume neither
+    repeats nor loses rows."""
+    import csv
+
+    from keras_lopt.meta.pes import PESMetaTrainer
+    from keras_lopt.meta.train import meta_train
+    from keras_lopt.rules.theta import load, provenance
+
+    cfg = dict(validate_every=2, validation_runs=3, validation_horizon=6, outer_lr=3e-2)
+    one = PESMetaTrainer(tiny_config(**cfg), families=tiny_families())
+    other = PESMetaTrainer(tiny_config(seed=1, **cfg), families=tiny_families())
+    theta = one.init()["theta"]
+    first = one.validate(theta)
+    assert first == other.validate(theta) == one.validate(theta)
+    assert set(first) == {"val_loss", "val_final", "val_tiny", "final_tiny"}
+    assert 0 < first["val_final"] < first["val_loss"]  # the runs do train
+    # Another theta scores differently: the runs depend on the learned rule
+    # (a perturbation, not a rescaling: orthogonalisation would undo that).
+    rng = np.random.default_rng(0)
+    moved = {k: v + 0.3 * rng.standard_normal(v.shape).astype("float32")
+             for k, v in theta.items()}
+    assert one.validate(moved)["val_loss"] != first["val_loss"]
+
+    out = tmp_path / "v"
+    meta_train(tiny_config(**cfg), str(out), 4, checkpoint_every=2,
+               families=tiny_families(), verbose=0)
+    meta_train(tiny_config(**cfg), str(out), 6, checkpoint_every=2,
+               families=tiny_families(), verbose=0)
+    with open(out / "validation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows] == [0, 2, 4, 6]
+    assert float(rows[0]["val_loss"]) == pytest.approx(first["val_loss"], rel=1e-6)
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    record = provenance(str(out / "theta_best.npz"))
+    assert record["iteration"] == int(best["iteration"])
+    rescored = one.validate(load("celo2", str(out / "theta_best.npz")))
+    assert rescored["val_loss"] == pytest.approx(float(best["val_loss"]), rel=1e-5)
 
 
 def _reference_gradient(trainer, family, theta, population, eps):
