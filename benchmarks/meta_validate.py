@@ -22,7 +22,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="meta-training run directory (its checkpoint.npz gives the config)")
+    parser.add_argument("run", help="meta-training run directory (its checkpoint.npz, or the "
+                                    "provenance in its theta.npz, gives the config)")
     parser.add_argument("weights", nargs="+",
                         help="weights to score: .npz paths, shipped versions, 'momentum'")
     parser.add_argument("--out", help="write the scores here as JSON")
@@ -34,8 +35,14 @@ def main(argv=None):
     from keras_lopt.meta.pes import PESMetaTrainer
     from keras_lopt.rules import theta as theta_lib
 
-    with np.load(os.path.join(args.run, "checkpoint.npz"), allow_pickle=False) as archive:
-        config = MetaTrainConfig.from_dict(json.loads(str(archive["config"])))
+    checkpoint = os.path.join(args.run, "checkpoint.npz")
+    if os.path.exists(checkpoint):
+        with np.load(checkpoint, allow_pickle=False) as archive:
+            config = MetaTrainConfig.from_dict(json.loads(str(archive["config"])))
+    else:
+        # Checkpoints stay out of git; the tracked weights record the config.
+        record = theta_lib.provenance(os.path.join(args.run, "theta.npz"))
+        config = MetaTrainConfig.from_dict(record["config"])
     if not config.validate_every:
         sys.exit(f"{args.run} was run without validation (validate_every=0).")
     trainer = PESMetaTrainer(config)

@@ -241,6 +241,10 @@ class PESMetaTrainer:
             # What users run: unit scale, one horizon, warm-up + cosine
             # (or the constant rate when meta-training never sees cosine).
             runs["horizon"] = jnp.full((n,), horizon, "int32")
+            # Undo the reparametrisation `_init_run` drew: w0, not w0 / s.
+            scale = jnp.exp(runs["log_scale"])
+            runs["params"] = [p * jnp.reshape(scale, (n,) + (1,) * (p.ndim - 1))
+                              for p in runs["params"]]
             runs["log_scale"] = jnp.zeros((n,), "float32")
             cosine = cfg.rule != "celo" and cfg.warmup_cosine_fraction > 0
             step = jax.vmap(lambda run: self._inner_step(family, theta, run, cosine=cosine))

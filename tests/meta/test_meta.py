@@ -229,6 +229,11 @@ def test_validation_scores_fixed_runs_and_keeps_the_best_theta(tmp_path):
     assert first == other.validate(theta) == one.validate(theta)
     assert set(first) == {"val_loss", "val_final", "val_tiny", "final_tiny"}
     assert 0 < first["val_final"] < first["val_loss"]  # the runs do train
+    # The validation runs are at unit scale whatever reparametrisation the
+    # training runs draw: the same scores with another scale range.
+    narrow = PESMetaTrainer(tiny_config(min_scale=1.0, max_scale=1.0, **cfg),
+                            families=tiny_families())
+    assert narrow.validate(theta)["val_loss"] == pytest.approx(first["val_loss"], rel=1e-5)
     # Another theta scores differently: the runs depend on the learned rule
     # (a perturbation, not a rescaling: orthogonalisation would undo that).
     rng = np.random.default_rng(0)
