@@ -10,6 +10,9 @@ against earlier runs' weights:
 
 Prints one row per weights (mean normalised training loss over the runs,
 its last 10%, and per family) and writes them as JSON with `--out`.
+Besides files and shipped versions, `hand:<name>` scores hand-set Celo2
+weights near the `momentum` start (`HAND_SET`), to see how much any small
+move from it can gain on these runs.
 """
 
 import argparse
@@ -18,6 +21,34 @@ import os
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+
+
+def _passthrough(theta, group, channel, weight=1.0):
+    # The two ReLU units of `momentum_theta` carry `relu(x) - relu(-x) = x`;
+    # adding a channel to both adds it to the MLP's output.
+    theta[f"w0__{group}"][channel, 0] += weight
+    theta[f"w0__{group}"][channel, 1] -= weight
+    return theta
+
+
+def _hand_set(name):
+    from keras_lopt.rules.theta import momentum_theta
+
+    # Feature groups (celo2.FEATURE_WIDTHS order): 0 the gradient, 3 the
+    # three momenta, 5 the momenta over sqrt(v) (Adam's direction).
+    builders = {
+        "momentum_0.99": lambda: momentum_theta(1),
+        "nesterov_0.5": lambda: _passthrough(momentum_theta(0), 0, 0, 0.5),
+        "nesterov_1": lambda: _passthrough(momentum_theta(0), 0, 0, 1.0),
+        "adam_direction": lambda: _passthrough(
+            dict(momentum_theta(0), w0__3=0 * momentum_theta(0)["w0__3"]), 5, 0),
+    }
+    if name not in builders:
+        raise SystemExit(f"Unknown hand-set weights {name!r}; known: {sorted(builders)}.")
+    return builders[name]()
+
+
+HAND_SET = ("momentum_0.99", "nesterov_0.5", "nesterov_1", "adam_direction")
 
 
 def main(argv=None):
@@ -48,7 +79,10 @@ def main(argv=None):
     trainer = PESMetaTrainer(config)
     scores = {}
     for name in args.weights:
-        theta = theta_lib.load(config.rule, name, what="weights")
+        if name.startswith("hand:"):
+            theta = _hand_set(name[len("hand:"):])
+        else:
+            theta = theta_lib.load(config.rule, name, what="weights")
         scores[name] = trainer.validate({k: theta[k] for k in trainer.theta0})
         s = scores[name]
         per_family = " ".join(

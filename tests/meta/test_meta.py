@@ -207,7 +207,21 @@ def test_cli_meta_train(tmp_path):
     assert "meta-train" in record["command"] and record["run"].endswith("run")
     rows = (out / "validation.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
-    assert "validation" in provenance(str(out / "theta_best.npz"))
+    best = provenance(str(out / "theta_best.npz"))["validation"]
+    # Other weights are scored on the run's validation runs; the best theta
+    # scores what the run recorded.
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.meta_validate", str(out), "momentum",
+         str(out / "theta_best.npz"), "--out", str(tmp_path / "scores.json")],
+        env=dict(env, PYTHONPATH=repo), cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores[str(out / "theta_best.npz")]["val_loss"] == pytest.approx(best["val_loss"],
+                                                                           rel=1e-5)
+    assert scores["momentum"]["val_loss"] != best["val_loss"]
 
 
 @jax_only
