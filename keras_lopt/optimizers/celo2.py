@@ -48,10 +48,10 @@ class Celo2Base(LearnedOptimizer):
     Args:
         learning_rate: float, `LearningRateSchedule`, or callable; with
             `total_steps`, a float is the peak of a warm-up + cosine
-            schedule. Defaults to `1e-3` (the rule was meta-trained at a
-            constant `1e-3`).
+            schedule. Defaults to `1e-3` (the default weights were
+            meta-trained at a peak of `1e-3` with warm-up + cosine).
         weights: meta-weights: `None` for keras-lopt's default shipped
-            version, a shipped version's name (`"celo2-v1"`, `"celo2-v2"`, `"celo2-v3"`;
+            version, a shipped version's name (`"celo2-v1"` ... `"celo2-v4"`;
             `keras_lopt.rules.theta.SHIPPED`, each file records its
             provenance), a path to a `.npz` (keras-lopt format) or `.state`
             (the authors' flax format) file, or a dict of arrays.

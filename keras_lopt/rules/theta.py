@@ -45,11 +45,11 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 # Versions are named "<rule>-v<N>" and never change once shipped, so that a
 # result quoted with a version can be rerun after the defaults move on.
 SHIPPED = {
-    "celo2": ("celo2-v1", "celo2-v2", "celo2-v3"),
+    "celo2": ("celo2-v1", "celo2-v2", "celo2-v3", "celo2-v4"),
     "celo2_base": ("celo2_base-v1", "celo2_base-v2"),
     "celo": ("celo-v1", "celo-v2"),
 }
-DEFAULT_VERSION = {"celo2": "celo2-v3", "celo2_base": "celo2_base-v2", "celo": "celo-v2"}
+DEFAULT_VERSION = {"celo2": "celo2-v4", "celo2_base": "celo2_base-v2", "celo": "celo-v2"}
 _META_ENTRIES = ("__format__", "__rule__", "__provenance__")
 # The authors' Celo2 checkpoints nest the MLP under this module; Celo's keep
 # the whole tree (MLP bank and scheduler), keyed by path.
@@ -159,7 +159,7 @@ def provenance(source):
     Example:
 
     >>> provenance("celo2")["version"]
-    'celo2-v3'
+    'celo2-v4'
     """
     if source in RULES:
         source = DEFAULT_VERSION[source]

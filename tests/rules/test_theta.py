@@ -45,7 +45,7 @@ def test_default_is_the_default_version(rule):
 
 
 def test_unknown_versions_are_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"choose from \['celo2-v1', 'celo2-v2', 'celo2-v3'\]"):
+    with pytest.raises(ValueError, match=r"choose from \['celo2-v1', 'celo2-v2', 'celo2-v3', 'celo2-v4'\]"):
         Celo2(weights="celo2-v99")
     with pytest.raises(ValueError, match="not a shipped weight version"):
         theta_lib.shipped_path("celo2-v99")
