@@ -27,7 +27,6 @@ import sys
 import time
 
 import keras
-import numpy as np
 
 from benchmarks.eval_tasks import stdlib_source_bytes
 from examples.distill_stdlib import FULL
@@ -175,5 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()

@@ -31,24 +31,34 @@ def _passthrough(theta, group, channel, weight=1.0):
     return theta
 
 
-def _hand_set(name):
+def _adam_direction():
     from keras_lopt.rules.theta import momentum_theta
 
-    # Feature groups (celo2.FEATURE_WIDTHS order): 0 the gradient, 3 the
-    # three momenta, 5 the momenta over sqrt(v) (Adam's direction).
-    builders = {
-        "momentum_0.99": lambda: momentum_theta(1),
-        "nesterov_0.5": lambda: _passthrough(momentum_theta(0), 0, 0, 0.5),
-        "nesterov_1": lambda: _passthrough(momentum_theta(0), 0, 0, 1.0),
-        "adam_direction": lambda: _passthrough(
-            dict(momentum_theta(0), w0__3=0 * momentum_theta(0)["w0__3"]), 5, 0),
-    }
-    if name not in builders:
-        raise SystemExit(f"Unknown hand-set weights {name!r}; known: {sorted(builders)}.")
-    return builders[name]()
+    theta = momentum_theta(0)
+    theta["w0__3"][:] = 0.0
+    return _passthrough(theta, 5, 0)
 
 
-HAND_SET = ("momentum_0.99", "nesterov_0.5", "nesterov_1", "adam_direction")
+def _momentum(decay_index):
+    from keras_lopt.rules.theta import momentum_theta
+
+    return momentum_theta(decay_index)
+
+
+# Feature groups (celo2.FEATURE_WIDTHS order): 0 the gradient, 3 the three
+# momenta, 5 the momenta over sqrt(v) (Adam's direction).
+HAND_SET = {
+    "momentum_0.99": lambda: _momentum(1),
+    "nesterov_0.5": lambda: _passthrough(_momentum(0), 0, 0, 0.5),
+    "nesterov_1": lambda: _passthrough(_momentum(0), 0, 0, 1.0),
+    "adam_direction": _adam_direction,
+}
+
+
+def _hand_set(name):
+    if name not in HAND_SET:
+        raise SystemExit(f"Unknown hand-set weights {name!r}; known: {sorted(HAND_SET)}.")
+    return HAND_SET[name]()
 
 
 def main(argv=None):

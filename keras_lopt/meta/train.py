@@ -65,10 +65,7 @@ def load_checkpoint(path, families=None):
 
 
 def _trim_metrics(path, iteration):
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    rows = _read_rows(path)
     if not rows:
         return
     fields = list(rows[0].keys())
@@ -94,8 +91,7 @@ def plot_metrics(out_dir, smooth=50):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(os.path.join(out_dir, METRICS)) as f:
-        rows = list(csv.DictReader(f))
+    rows = _read_rows(os.path.join(out_dir, METRICS))
     if not rows:
         return None
     it = np.array([int(r["iteration"]) for r in rows])
@@ -146,10 +142,7 @@ def _append_row(path, row):
 
 
 def _last_wall_time(path):
-    if not os.path.exists(path):
-        return 0.0
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    rows = _read_rows(path)
     return float(rows[-1]["wall_s"]) if rows else 0.0
 
 
